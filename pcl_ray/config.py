@@ -1,0 +1,238 @@
+"""Typed, validated experiment configuration.
+
+A pipeline is a YAML file whose top-level sections mirror :class:`ExperimentConfig`.
+Command-line overrides are dotted keys (``train.epochs=3``); their values are parsed
+as YAML scalars/lists (``estep.num_clusters=[10,20]``). Any unknown key or bad value
+raises :class:`ConfigError` naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DATASETS = ("fashion-mnist", "digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
+METHODS = ("pcl", "moco")
+
+
+class ConfigError(ValueError):
+    """A pipeline file or override is invalid. The message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ViewConfig(_Section):
+    recipe: Literal["pcl_v1", "pcl_v2"] = "pcl_v2"
+    crop_min_scale: float = Field(0.2, gt=0.0, le=1.0)
+    loader_workers: int = Field(0, ge=0)
+
+
+class DataConfig(_Section):
+    name: Literal[DATASETS] = "fashion-mnist"  # type: ignore[valid-type]
+    root: str | None = None
+    subset: int | None = Field(None, gt=0, description="use the first N training images")
+    test_subset: int | None = Field(None, gt=0, description="use the first N test images")
+    image_size: int | None = Field(None, gt=0, description="None = native size")
+    download: bool = False
+    image_column: str = "image"
+    label_column: str = "label"
+    views: ViewConfig = ViewConfig()
+
+
+class ModelConfig(_Section):
+    backbone: Literal["convnet", "resnet18", "resnet50"] = "convnet"
+    width: int = Field(32, gt=0, description="base channel width of the convnet backbone")
+    feature_dim: int = Field(128, gt=0)
+    mlp_head: bool = True
+
+
+class MethodConfig(_Section):
+    name: Literal[METHODS] = "pcl"  # type: ignore[valid-type]
+    temperature: float = Field(0.2, gt=0.0)
+    queue_size: int = Field(4096, ge=0)
+    momentum: float = Field(0.999, ge=0.0, lt=1.0)
+    num_negative_prototypes: int = Field(1024, ge=0, description="r: negatives per granularity (sampled form)")
+    proto_weight: float = Field(1.0, ge=0.0)
+    proto_form: Literal["auto", "sampled", "full"] = "auto"
+
+
+class EStepConfig(_Section):
+    num_clusters: list[int] = Field(default_factory=lambda: [10, 20, 40], min_length=1)
+    niter: int = Field(20, gt=0)
+    nredo: int = Field(5, gt=0)
+    max_points_per_centroid: int = Field(1000, gt=0)
+    alpha: float = Field(10.0, gt=0.0)
+    backend: Literal["auto", "cpu", "gpu"] = "auto"
+    num_threads: int | None = Field(None, gt=0, description="faiss threads; None = all CPUs of the node")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_clusters(self) -> "EStepConfig":
+        bad = [k for k in self.num_clusters if k < 2]
+        if bad:
+            raise ValueError(f"every granularity must be >= 2, got {bad}")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, gt=0)
+    warmup_epochs: int = Field(1, ge=0)
+    batch_size: int = Field(256, gt=0, description="global batch, split across workers")
+    lr: float = Field(0.06, gt=0.0)
+    sgd_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    lr_steps: list[int] = Field(default_factory=lambda: [120, 160])
+    seed: int = 0
+    log_every: int = Field(50, gt=0, description="progress line every N steps")
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None = start a local Ray; 'auto' or ray://... to attach")
+    num_workers: int = Field(2, gt=0)
+    use_gpu: Literal["auto", True, False] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    actor_cpus: float = Field(0.0, ge=0.0, description="logical CPUs reserved for the cluster actor")
+    storage_path: str | None = Field(None, description="None = <project>/runs")
+    run_name: str | None = None
+    max_failures: int = Field(0, ge=0)
+    object_store_memory_mb: int | None = Field(None, gt=0, description="local Ray only")
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="None = sqlite store under <project>/mlruns")
+    experiment: str = "pcl-ray"
+    run_name: str | None = None
+
+
+class EvalConfig(_Section):
+    enabled: bool = True
+    knn_k: int = Field(200, gt=0)
+    knn_temperature: float = Field(0.1, gt=0.0)
+    kmeans_restarts: int = Field(5, gt=0)
+    feature: Literal["backbone", "head"] = "backbone"
+    baselines: bool = True
+
+
+class ExperimentConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    estep: EStepConfig = EStepConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        if self.train.warmup_epochs > self.train.epochs:
+            raise ValueError(
+                f"train.warmup_epochs ({self.train.warmup_epochs}) must be <= train.epochs ({self.train.epochs})"
+            )
+        if self.train.batch_size < self.ray.num_workers:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be >= ray.num_workers ({self.ray.num_workers})"
+            )
+        return self
+
+    @property
+    def needs_estep(self) -> bool:
+        return self.method.name == "pcl"
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view of the resolved config (for MLflow params)."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+
+def _flatten(d: dict[str, Any], prefix: str = ""):
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, name + ".")
+        else:
+            yield name, value
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in e and e["type"] not in ("missing",):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"pipeline file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a pipeline YAML (or the defaults when ``path`` is None) and apply dotted overrides."""
+    raw = load_yaml(path) if path is not None else {}
+    # Sections that are not config (e.g. a pipeline's `tune:` block) are handled by their verbs.
+    raw = {k: v for k, v in raw.items() if k not in ("tune", "compare")}
+    raw = apply_overrides(raw, overrides or [])
+    source = str(path) if path else "defaults"
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    return build_config(raw, source)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

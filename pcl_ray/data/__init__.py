@@ -1,0 +1,21 @@
+"""Data: sources (``load_split``), the indexed dataset, batch iteration and batched views.
+
+Every item is ``(image, dataset index)``; the index is the join key between the E-step and
+the M-step. Labels ride along for evaluation only.
+"""
+
+from .dataset import IndexedImages
+from .loader import iterate_batches, shard_indices
+from .sources import DATA_SOURCES, load_split
+from .views import RECIPES, Recipe, ViewMaker
+
+__all__ = [
+    "DATA_SOURCES",
+    "RECIPES",
+    "Recipe",
+    "IndexedImages",
+    "ViewMaker",
+    "iterate_batches",
+    "load_split",
+    "shard_indices",
+]

@@ -1,0 +1,143 @@
+"""The cluster actor: sole owner of the gathered embeddings and of the E-step.
+
+Workers hand it their shard ``(indices, embeddings)`` through the object store; once every index of
+the training set has arrived for an epoch, it runs :func:`pcl_ray.estep.run_estep` in a thread and
+publishes one immutable, epoch-tagged :class:`PrototypeSet` (one ``ray.put``) that all workers fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from ..estep import run_estep
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "pcl_ray"
+
+
+class ClusterActor:
+    """Asyncio actor. Create it with :func:`start_cluster_actor`."""
+
+    def __init__(self, num_samples: int, dim: int, estep_kwargs: dict[str, Any], keep_epochs: int = 2):
+        self.num_samples = int(num_samples)
+        self.dim = int(dim)
+        self.estep_kwargs = dict(estep_kwargs)
+        self.keep_epochs = keep_epochs
+        self.store = np.zeros((self.num_samples, self.dim), dtype=np.float32)
+        self._covered: dict[int, np.ndarray] = {}
+        self._ranks: dict[int, set[int]] = {}
+        self._ready: dict[int, asyncio.Event] = {}
+        self._published: dict[int, ray.ObjectRef] = {}
+        self._errors: dict[int, str] = {}
+        self._running: set[int] = set()
+
+    # ---------------------------------------------------------------- hand-off
+    async def submit_shard(self, epoch: int, rank: int, indices: np.ndarray, embeddings: np.ndarray) -> int:
+        """Store one worker's embeddings for ``epoch``; start the E-step when the index space is covered."""
+        if epoch in self._published or epoch in self._running:
+            return epoch  # a retried submission after the epoch's E-step started: nothing to do
+        indices = np.asarray(indices, dtype=np.int64)
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.shape != (indices.shape[0], self.dim):
+            raise ValueError(f"shard of rank {rank}: embeddings {embeddings.shape} do not match "
+                             f"{indices.shape[0]} indices x dim {self.dim}")
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
+            raise ValueError(f"shard of rank {rank}: indices outside [0, {self.num_samples})")
+        covered = self._covered.setdefault(epoch, np.zeros(self.num_samples, dtype=bool))
+        self._ranks.setdefault(epoch, set()).add(rank)
+        self.store[indices] = embeddings
+        covered[indices] = True
+        self._event(epoch)
+        if covered.all():
+            self._running.add(epoch)
+            asyncio.get_running_loop().create_task(self._run(epoch))
+        return epoch
+
+    async def wait_prototypes(self, epoch: int, rank: int, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Wait for epoch ``epoch``'s PrototypeSet.
+
+        Returns ``{"status": "ready", "ref": [ObjectRef]}``; ``{"status": "missing"}`` when this actor
+        holds no shard of ``rank`` for the epoch (it was restarted: the caller submits again);
+        ``{"status": "pending"}`` on timeout; ``{"status": "error", "message": ...}`` if the E-step failed.
+        """
+        if epoch in self._errors:
+            return {"status": "error", "message": self._errors[epoch]}
+        if epoch not in self._published and rank not in self._ranks.get(epoch, set()):
+            return {"status": "missing"}
+        try:
+            await asyncio.wait_for(self._event(epoch).wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            return {"status": "pending"}
+        if epoch in self._errors:
+            return {"status": "error", "message": self._errors[epoch]}
+        return {"status": "ready", "ref": [self._published[epoch]]}  # wrapped: the caller gets the ref itself
+
+    async def latest(self) -> list[ray.ObjectRef] | None:
+        """The newest published PrototypeSet (wrapped ref), or None."""
+        if not self._published:
+            return None
+        return [self._published[max(self._published)]]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "num_samples": self.num_samples,
+            "dim": self.dim,
+            "published_epochs": sorted(self._published),
+            "pid": os.getpid(),
+            "gpu_ids": ray.get_gpu_ids(),
+        }
+
+    # ---------------------------------------------------------------- internals
+    def _event(self, epoch: int) -> asyncio.Event:
+        if epoch not in self._ready:
+            self._ready[epoch] = asyncio.Event()
+        return self._ready[epoch]
+
+    async def _run(self, epoch: int) -> None:
+        features = self.store.copy()
+        t0 = time.perf_counter()
+        try:
+            pset = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: run_estep(features, epoch=epoch, **self.estep_kwargs)
+            )
+            self._published[epoch] = ray.put(pset)
+            log.info("E-step epoch %d done in %.2fs", epoch, time.perf_counter() - t0)
+        except Exception as exc:  # surfaced to every waiting worker
+            self._errors[epoch] = f"E-step for epoch {epoch} failed: {type(exc).__name__}: {exc}"
+        finally:
+            self._running.discard(epoch)
+            self._covered.pop(epoch, None)
+            self._event(epoch).set()
+            for old in sorted(self._published)[: -self.keep_epochs]:
+                del self._published[old]
+                self._ready.pop(old, None)
+                self._ranks.pop(old, None)
+
+
+def actor_name(run_name: str) -> str:
+    return f"pcl-cluster-{run_name}"
+
+
+def start_cluster_actor(run_name: str, num_samples: int, dim: int, estep_kwargs: dict[str, Any], *,
+                        num_cpus: float = 0.0, num_gpus: float = 0.0):
+    """Create (or attach to) the run's named cluster actor. Restarts on failure; workers resubmit shards."""
+    cls = ray.remote(ClusterActor)
+    return cls.options(
+        name=actor_name(run_name),
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime=None,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=3,
+        max_task_retries=3,
+        max_concurrency=64,
+    ).remote(num_samples, dim, estep_kwargs)

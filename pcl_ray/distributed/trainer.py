@@ -1,0 +1,113 @@
+"""Driver side of training: local or remote Ray, the cluster actor, and the TorchTrainer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ..config import ExperimentConfig
+from .cluster_actor import start_cluster_actor
+from .worker import STATE_FILE, train_loop
+
+QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
+
+
+def init_ray(cfg: ExperimentConfig) -> None:
+    """Attach to ``ray.address`` or start a local Ray bound to 127.0.0.1 (no dashboard)."""
+    if ray.is_initialized():
+        return
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    kwargs: dict[str, Any] = {"num_cpus": os.cpu_count(), "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+    if cfg.ray.object_store_memory_mb:
+        kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
+    ray.init(**kwargs)
+
+
+def use_gpu(cfg: ExperimentConfig) -> bool:
+    if cfg.ray.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.ray.use_gpu)
+
+
+def actor_gpus(cfg: ExperimentConfig, gpu_workers: bool) -> float:
+    """GPUs for the cluster actor.
+
+    ``estep.backend: gpu`` always asks for one (an autoscaling cluster adds the node); ``auto`` takes one
+    only when the cluster already shows a GPU beyond the training workers'; ``cpu`` never does.
+    """
+    if cfg.estep.backend == "cpu":
+        return 0.0
+    if cfg.estep.backend == "gpu":
+        return 1.0
+    spare = ray.cluster_resources().get("GPU", 0) - (cfg.ray.num_workers if gpu_workers else 0)
+    return 1.0 if spare >= 1 else 0.0
+
+
+@dataclass
+class FitOutcome:
+    result: Any
+    state_path: Path | None
+    actor: Any
+    backend_gpus: float
+
+
+def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: int,
+        mlflow_spec: dict[str, str] | None) -> FitOutcome:
+    """Run the EM training loop on Ray Train. Same ``(storage_path, run_name)`` resumes from the latest checkpoint."""
+    gpu = use_gpu(cfg)
+    actor = None
+    gpus = 0.0
+    if cfg.needs_estep:
+        gpus = actor_gpus(cfg, gpu)
+        estep_kwargs = {
+            "num_clusters": list(cfg.estep.num_clusters),
+            "temperature": cfg.method.temperature,
+            "niter": cfg.estep.niter,
+            "nredo": cfg.estep.nredo,
+            "seed": cfg.estep.seed,
+            "max_points_per_centroid": cfg.estep.max_points_per_centroid,
+            "alpha": cfg.estep.alpha,
+            "backend": cfg.estep.backend if gpus else "cpu",
+            "num_threads": cfg.estep.num_threads,
+        }
+        actor = start_cluster_actor(run_name, num_samples, cfg.model.feature_dim, estep_kwargs,
+                                    num_cpus=cfg.ray.actor_cpus, num_gpus=gpus)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "run_name": run_name,
+            "mlflow": mlflow_spec,
+            "threads_per_worker": max(1, int(cfg.ray.cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    state_path = None
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            src = Path(d) / STATE_FILE
+            state_path = storage_path / run_name / "final_state.pt"
+            state_path.write_bytes(src.read_bytes())
+    return FitOutcome(result=result, state_path=state_path, actor=actor, backend_gpus=gpus)

@@ -1,0 +1,187 @@
+"""The Ray Train worker loop: the M-step on each worker, the E-step hand-off to the cluster actor."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from ..config import ExperimentConfig
+from ..data import ViewMaker, iterate_batches, load_split, shard_indices
+from ..methods import build_method
+from ..methods.moco import unwrap
+from .cluster_actor import NAMESPACE, actor_name
+
+STATE_FILE = "state.pt"
+
+
+def lr_at(cfg: ExperimentConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Cosine (per step) or step schedule (×0.1 at each of ``train.lr_steps``)."""
+    t = cfg.train
+    if t.schedule == "cosine":
+        progress = (epoch + step / steps_per_epoch) / t.epochs
+        return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return t.lr * (0.1 ** sum(epoch >= s for s in t.lr_steps))
+
+
+def epoch_indices(n: int, rank: int, world: int, seed: int, epoch: int) -> np.ndarray:
+    """This rank's training indices for ``epoch``: a seeded global shuffle, then an equal-length slice.
+
+    Every rank gets ``n // world`` indices, so all ranks run the same number of steps (DDP needs it).
+    """
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    per_rank = n // world
+    return perm[rank::world][:per_rank]
+
+
+@torch.no_grad()
+def embed_shard(method, ds, views: ViewMaker, indices: np.ndarray, batch_size: int, device) -> np.ndarray:
+    """Momentum-encoder embeddings (eval mode, deterministic transform) of ``indices``, in that order."""
+    enc = method.key_encoder
+    was_training = enc.training
+    enc.eval()
+    out = []
+    for images, _ in iterate_batches(ds, indices, batch_size, shuffle=False, seed=0, drop_last=False):
+        out.append(method.embed_keys(views.eval(images.to(device))).float().cpu())
+    enc.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, method.queue.keys.shape[1]), np.float32)
+
+
+def fetch_prototypes(actor, epoch: int, rank: int, submit) -> "object":
+    """Hand this rank's shard to the actor and wait for the epoch's PrototypeSet (never a stale one)."""
+    ray.get(submit())
+    while True:
+        reply = ray.get(actor.wait_prototypes.remote(epoch, rank))
+        status = reply["status"]
+        if status == "ready":
+            pset = ray.get(reply["ref"][0])
+            if pset.epoch != epoch:
+                raise RuntimeError(f"cluster actor returned prototypes of epoch {pset.epoch}, expected {epoch}")
+            return pset
+        if status == "missing":  # the actor restarted and lost this epoch's shards
+            ray.get(submit())
+        elif status == "error":
+            raise RuntimeError(reply["message"])
+
+
+def _save_state(path: Path, method, optimizer, epoch: int, step: int, extra: dict) -> None:
+    torch.save(
+        {"method": unwrap(method).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+         "global_step": step, **extra},
+        path,
+    )
+
+
+def train_loop(loop_config: dict) -> None:
+    cfg = ExperimentConfig.model_validate(loop_config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank
+
+    ds = load_split(cfg.data, "train")
+    n = len(ds)
+    views = ViewMaker(cfg.data.views.recipe, ds.image_size if cfg.data.image_size is None else cfg.data.image_size,
+                      ds.channels, ds.mean, ds.std, crop_min_scale=cfg.data.views.crop_min_scale)
+    method = build_method(cfg, ds.channels, generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
+    online = ray.train.torch.prepare_model(method.encoder)
+    optimizer = torch.optim.SGD(unwrap(online).parameters(), lr=cfg.train.lr, momentum=cfg.train.sgd_momentum,
+                                weight_decay=cfg.train.weight_decay)
+
+    start_epoch, global_step = 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, global_step = int(state["epoch"]) + 1, int(state["global_step"])
+        if rank == 0:
+            print(f"[pcl-ray] resumed from checkpoint after epoch {state['epoch'] + 1}", flush=True)
+
+    local_bs = cfg.train.batch_size // world
+    steps_per_epoch = (n // world) // local_bs
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the data ({n} images)")
+    actor = ray.get_actor(actor_name(loop_config["run_name"]), namespace=NAMESPACE) if method.needs_estep else None
+    tracker = None
+    if rank == 0 and loop_config.get("mlflow"):
+        from ..tracking import RunLogger
+
+        tracker = RunLogger(**loop_config["mlflow"])
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        metrics: dict[str, float] = {"epoch": epoch + 1}
+        prototypes = None
+        if method.needs_estep and epoch >= cfg.train.warmup_epochs:
+            t0 = time.perf_counter()
+            own = shard_indices(n, rank, world)
+            emb = embed_shard(method, ds, views, own, max(256, local_bs), device)
+            idx_ref, emb_ref = ray.put(own), ray.put(emb)
+            pset = fetch_prototypes(actor, epoch, rank, lambda: actor.submit_shard.remote(epoch, rank, idx_ref, emb_ref))
+            prototypes = pset.to_torch(device)
+            metrics.update(pset.stats())
+            metrics["time/estep_total_s"] = time.perf_counter() - t0
+            if rank == 0:
+                ks = ",".join(str(g.num_clusters) for g in pset.granularities)
+                print(f"[pcl-ray] epoch {epoch + 1}: E-step k=[{ks}] on {pset.backend} "
+                      f"k-means {pset.seconds:.2f}s, total {metrics['time/estep_total_s']:.2f}s", flush=True)
+
+        online.train()
+        gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
+        sums: dict[str, float] = {}
+        seen = 0
+        t_epoch = time.perf_counter()
+        order = epoch_indices(n, rank, world, cfg.train.seed, epoch)
+        batches = iterate_batches(ds, order, local_bs, shuffle=False, seed=0, drop_last=True,
+                                  loader_workers=cfg.data.views.loader_workers)
+        for step, (images, index) in enumerate(batches):
+            lr = lr_at(cfg, epoch, step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(device, non_blocking=True)
+            batch_views = views.make_views(images, n=method.num_views, generator=gen)
+            loss, parts = method.training_loss(online, batch_views, index.to(device), prototypes, generator=gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {step}: {parts}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            method.after_step()
+            global_step += 1
+            seen += images.shape[0]
+            parts["loss/total"] = float(loss.detach())
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if rank == 0 and (step + 1) % cfg.train.log_every == 0:
+                rate = seen * world / (time.perf_counter() - t_epoch)
+                print(f"[pcl-ray] epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{steps_per_epoch} "
+                      f"loss {parts['loss/total']:.3f} lr {lr:.4f} {rate:.0f} img/s", flush=True)
+        elapsed = time.perf_counter() - t_epoch
+        metrics.update({k: v / max(1, step + 1) for k, v in sums.items()})
+        metrics["lr"] = lr
+        metrics["throughput/img_per_s"] = seen * world / elapsed
+        metrics["time/epoch_s"] = elapsed
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                _save_state(Path(tmp) / STATE_FILE, method, optimizer, epoch, global_step,
+                            {"config": loop_config["cfg"]})
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                summary = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in
+                                   ("loss/total", "acc/instance", "acc/proto") if k in metrics)
+                print(f"[pcl-ray] epoch {epoch + 1}/{cfg.train.epochs} done in {elapsed:.1f}s: {summary} "
+                      f"({metrics['throughput/img_per_s']:.0f} img/s)", flush=True)
+                if tracker is not None:
+                    tracker.log_metrics(metrics, step=epoch + 1)
+            ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,17 @@
+"""One file per method; each declares whether it needs the epoch-level E-step."""
+
+from .moco import MoCo
+from .pcl import PCL
+
+METHODS = {m.name: m for m in (MoCo, PCL)}
+
+
+def build_method(cfg, in_channels: int, generator=None):
+    try:
+        cls = METHODS[cfg.method.name]
+    except KeyError:
+        raise ValueError(f"method.name: expected one of {sorted(METHODS)}, got {cfg.method.name!r}") from None
+    return cls(cfg, in_channels, generator=generator)
+
+
+__all__ = ["METHODS", "build_method", "MoCo", "PCL"]

@@ -1,0 +1,42 @@
+"""Encoder = backbone + projection head with an L2-normalized output."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import build_backbone
+
+
+class ProjectionHead(nn.Module):
+    """Linear head (MoCo v1 / PCL v1) or a 2-layer MLP head (MoCo v2 / PCL v2)."""
+
+    def __init__(self, in_dim: int, out_dim: int, mlp: bool):
+        super().__init__()
+        if mlp:
+            self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+        else:
+            self.net = nn.Linear(in_dim, out_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+class Encoder(nn.Module):
+    def __init__(self, backbone: str, in_channels: int, feature_dim: int = 128, mlp_head: bool = True, width: int = 32):
+        super().__init__()
+        self.backbone, self.backbone_dim = build_backbone(backbone, in_channels, width)
+        self.head = ProjectionHead(self.backbone_dim, feature_dim, mlp_head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalized embedding (the space where contrast and clustering happen)."""
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (what downstream evaluation uses)."""
+        return self.backbone(x)
+
+
+def build_encoder(model_cfg, in_channels: int) -> Encoder:
+    return Encoder(model_cfg.backbone, in_channels, model_cfg.feature_dim, model_cfg.mlp_head, model_cfg.width)

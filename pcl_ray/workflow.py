@@ -1,0 +1,141 @@
+"""The `train` verb: config → MLflow run → Ray Train EM loop → evaluation → artifacts → results table."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ExperimentConfig, dump_config
+from .tracking import PROJECT_DIR, RunLogger, resolve_uri
+
+
+@dataclass
+class TrainOutcome:
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    state_path: Path | None
+    eval: dict[str, dict[str, Any]] = field(default_factory=dict)
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def storage_root(cfg: ExperimentConfig) -> Path:
+    root = Path(cfg.ray.storage_path) if cfg.ray.storage_path else PROJECT_DIR / "runs"
+    root = root.expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def latest_run_name(root: Path) -> str | None:
+    """Name of the most recently started run under ``root`` (for ``--resume`` without a name)."""
+    meta = sorted((root / ".pcl_ray").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return meta[-1].stem if meta else None
+
+
+def _run_meta(root: Path, run_name: str) -> Path:
+    d = root / ".pcl_ray"
+    d.mkdir(exist_ok=True)
+    return d / f"{run_name}.json"
+
+
+def _open_mlflow_run(cfg: ExperimentConfig, root: Path, run_name: str, parent_run_id: str | None) -> RunLogger:
+    """Start the run's MLflow run, or reopen it when this ``run_name`` is being resumed."""
+    uri = resolve_uri(cfg.tracking.uri)
+    meta = _run_meta(root, run_name)
+    if meta.exists():
+        saved = json.loads(meta.read_text())
+        if saved.get("tracking_uri") == uri:
+            logger = RunLogger(uri, saved["mlflow_run_id"])
+            logger.client.update_run(logger.run_id, status="RUNNING")
+            return logger
+    logger = RunLogger.start(uri, cfg.tracking.experiment, cfg.tracking.run_name or run_name,
+                             tags={"pcl_ray.run_name": run_name, "pcl_ray.method": cfg.method.name},
+                             parent_run_id=parent_run_id)
+    meta.write_text(json.dumps({"mlflow_run_id": logger.run_id, "tracking_uri": uri}))
+    return logger
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    return f"{cfg.method.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: str | None = None,
+          log=print) -> TrainOutcome:
+    from .data import load_split
+    from .distributed.trainer import fit, init_ray
+    from .evaluation.report import evaluate
+
+    run_name = run_name or cfg.ray.run_name or default_run_name(cfg)
+    root = storage_root(cfg)
+    logger = _open_mlflow_run(cfg, root, run_name, parent_run_id)
+    log(f"[pcl-ray] run {run_name}: MLflow run {logger.run_id} at {logger.tracking_uri}")
+    logger.log_params(cfg.flat())
+    status = "FAILED"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg_file = Path(tmp) / "config.yaml"
+            cfg_file.write_text(dump_config(cfg))
+            logger.log_artifact(cfg_file)
+        init_ray(cfg)
+        num_samples = len(load_split(cfg.data, "train"))
+        if cfg.needs_estep:
+            too_big = [k for k in cfg.estep.num_clusters if k >= num_samples]
+            if too_big:
+                raise ValueError(f"estep.num_clusters: {too_big} must be < the {num_samples} training images")
+            logger.log_params(_proto_form_params(cfg))
+        outcome = fit(cfg, run_name, root, num_samples, logger.spec())
+        if outcome.result.error is not None:
+            raise outcome.result.error
+        logger.log_params({"estep.backend_used": "faiss-gpu" if outcome.backend_gpus else "faiss-cpu"}
+                          if cfg.needs_estep else {})
+        result = TrainOutcome(run_name, logger.run_id, logger.tracking_uri, outcome.state_path,
+                              final_metrics=dict(outcome.result.metrics or {}))
+        _log_training_artifacts(cfg, logger, outcome, log)
+        if cfg.eval.enabled and outcome.state_path is not None:
+            state = torch.load(outcome.state_path, map_location="cpu", weights_only=True)
+            torch.set_num_threads(os.cpu_count() or 1)
+            result.eval = evaluate(cfg, state["method"], log=log)
+            for row, values in result.eval.items():
+                logger.log_metrics({f"eval/{row}/{k}": v for k, v in values.items()})
+        status = "FINISHED"
+        return result
+    finally:
+        logger.end(status)
+
+
+def _proto_form_params(cfg: ExperimentConfig) -> dict[str, str]:
+    from .losses import resolve_proto_form
+
+    local_bs = cfg.train.batch_size // cfg.ray.num_workers
+    return {f"proto_form.k{k}": resolve_proto_form(cfg.method.proto_form, k, local_bs, cfg.method.num_negative_prototypes)
+            for k in cfg.estep.num_clusters}
+
+
+def _log_training_artifacts(cfg: ExperimentConfig, logger: RunLogger, outcome, log) -> None:
+    import ray
+
+    from .evaluation.plots import plot_prototype_stats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if outcome.state_path is not None:
+            state = torch.load(outcome.state_path, map_location="cpu", weights_only=True)
+            backbone = {k[len("encoder.backbone."):]: v for k, v in state["method"].items()
+                        if k.startswith("encoder.backbone.")}
+            weights = Path(tmp) / "backbone.pt"
+            torch.save(backbone, weights)
+            logger.log_artifact(weights, "model")
+        if outcome.actor is not None:
+            ref = ray.get(outcome.actor.latest.remote())
+            if ref is not None:
+                pset = ray.get(ref[0])
+                png = Path(tmp) / f"prototypes_epoch{pset.epoch + 1}.png"
+                plot_prototype_stats(pset.granularities, png)
+                logger.log_artifact(png, "plots")
+            ray.kill(outcome.actor)

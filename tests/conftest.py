@@ -1,0 +1,26 @@
+"""Shared fixtures. One small local Ray per test session, started only by tests that ask for it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+for _k, _v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_DEDUP_LOGS": "0",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=384 * 1024 * 1024, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=True)
+    yield ray
+    ray.shutdown()
