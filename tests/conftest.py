@@ -20,7 +20,6 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=384 * 1024 * 1024, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+        ray.init(num_cpus=2, object_store_memory=384 * 1024 * 1024, include_dashboard=False)
     yield ray
     ray.shutdown()

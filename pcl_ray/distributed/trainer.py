@@ -28,7 +28,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
         ray.init(address=cfg.ray.address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    kwargs: dict[str, Any] = {"num_cpus": os.cpu_count(), "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+    # Local runs keep Ray's token auth (its gRPC ports listen on every interface) and put the dashboard
+    # on 127.0.0.1: Ray Train's placement-group cleaner needs the State API it serves.
+    kwargs: dict[str, Any] = {"num_cpus": os.cpu_count(), "include_dashboard": True, "dashboard_host": "127.0.0.1"}
     if cfg.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
     ray.init(**kwargs)

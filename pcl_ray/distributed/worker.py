@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +21,12 @@ from ..methods.moco import unwrap
 from .cluster_actor import NAMESPACE, actor_name
 
 STATE_FILE = "state.pt"
+
+
+def say(message: str) -> None:
+    """One progress line on the driver's console (bypasses Ray Train's print patch, which tees twice)."""
+    sys.stdout.write(f"[pcl-ray] {message}\n")
+    sys.stdout.flush()
 
 
 def lr_at(cfg: ExperimentConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -106,7 +112,7 @@ def train_loop(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, global_step = int(state["epoch"]) + 1, int(state["global_step"])
         if rank == 0:
-            print(f"[pcl-ray] resumed from checkpoint after epoch {state['epoch'] + 1}", flush=True)
+            say(f"resumed from checkpoint after epoch {state['epoch'] + 1}")
 
     local_bs = cfg.train.batch_size // world
     steps_per_epoch = (n // world) // local_bs
@@ -133,8 +139,8 @@ def train_loop(loop_config: dict) -> None:
             metrics["time/estep_total_s"] = time.perf_counter() - t0
             if rank == 0:
                 ks = ",".join(str(g.num_clusters) for g in pset.granularities)
-                print(f"[pcl-ray] epoch {epoch + 1}: E-step k=[{ks}] on {pset.backend} "
-                      f"k-means {pset.seconds:.2f}s, total {metrics['time/estep_total_s']:.2f}s", flush=True)
+                say(f"epoch {epoch + 1}: E-step k=[{ks}] on {pset.backend} "
+                      f"k-means {pset.seconds:.2f}s, total {metrics['time/estep_total_s']:.2f}s")
 
         online.train()
         gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
@@ -164,8 +170,8 @@ def train_loop(loop_config: dict) -> None:
                 sums[key] = sums.get(key, 0.0) + value
             if rank == 0 and (step + 1) % cfg.train.log_every == 0:
                 rate = seen * world / (time.perf_counter() - t_epoch)
-                print(f"[pcl-ray] epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{steps_per_epoch} "
-                      f"loss {parts['loss/total']:.3f} lr {lr:.4f} {rate:.0f} img/s", flush=True)
+                say(f"epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{steps_per_epoch} "
+                      f"loss {parts['loss/total']:.3f} lr {lr:.4f} {rate:.0f} img/s")
         elapsed = time.perf_counter() - t_epoch
         metrics.update({k: v / max(1, step + 1) for k, v in sums.items()})
         metrics["lr"] = lr
@@ -180,8 +186,8 @@ def train_loop(loop_config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 summary = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in
                                    ("loss/total", "acc/instance", "acc/proto") if k in metrics)
-                print(f"[pcl-ray] epoch {epoch + 1}/{cfg.train.epochs} done in {elapsed:.1f}s: {summary} "
-                      f"({metrics['throughput/img_per_s']:.0f} img/s)", flush=True)
+                say(f"epoch {epoch + 1}/{cfg.train.epochs} done in {elapsed:.1f}s: {summary} "
+                      f"({metrics['throughput/img_per_s']:.0f} img/s)")
                 if tracker is not None:
                     tracker.log_metrics(metrics, step=epoch + 1)
             ray.train.report(metrics, checkpoint=checkpoint)
