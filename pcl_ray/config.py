@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DATASETS = ("fashion-mnist", "digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
-METHODS = ("pcl", "moco")
+METHODS = ("pcl", "moco", "simclr", "swav", "deepcluster", "spcl")
 
 
 class ConfigError(ValueError):
@@ -52,6 +52,30 @@ class ModelConfig(_Section):
     mlp_head: bool = True
 
 
+class SwAVConfig(_Section):
+    num_prototypes: int = Field(100, gt=1, description="paper: 3000 on ImageNet")
+    epsilon: float = Field(0.05, gt=0.0, description="Sinkhorn entropic regularization")
+    sinkhorn_iterations: int = Field(3, gt=0)
+    freeze_prototypes_iters: int = Field(200, ge=0, description="prototype gradients zeroed for the first N steps")
+    queue_length: int = Field(0, ge=0, description="0 = no queue")
+    queue_start_epoch: int = Field(2, ge=0)
+    num_small_crops: int = Field(2, ge=0, description="multi-crop: extra low-resolution views")
+    small_crop_size: int = Field(16, gt=0)
+    small_crop_scale: tuple[float, float] = (0.1, 0.4)
+    large_crop_min_scale: float = Field(0.3, gt=0.0, le=1.0)
+
+
+class SPCLConfig(_Section):
+    ntxent_temperature: float = Field(0.5, gt=0.0)
+    weight_ntxent: float = Field(1.0, ge=0.0)
+    weight_metric: float = Field(1.0, ge=0.0)
+    weight_proto: float = Field(1.0, ge=0.0)
+    symmetric_ce: bool = False
+    sce_alpha: float = Field(0.1, ge=0.0, description="weight of CE in symmetric CE")
+    sce_beta: float = Field(1.0, ge=0.0, description="weight of reverse CE in symmetric CE")
+    metric_pairs: int = Field(256, gt=0, description="balanced same/different-cluster pairs per batch")
+
+
 class MethodConfig(_Section):
     name: Literal[METHODS] = "pcl"  # type: ignore[valid-type]
     temperature: float = Field(0.2, gt=0.0)
@@ -60,6 +84,8 @@ class MethodConfig(_Section):
     num_negative_prototypes: int = Field(1024, ge=0, description="r: negatives per granularity (sampled form)")
     proto_weight: float = Field(1.0, ge=0.0)
     proto_form: Literal["auto", "sampled", "full"] = "auto"
+    swav: SwAVConfig = SwAVConfig()
+    spcl: SPCLConfig = SPCLConfig()
 
 
 class EStepConfig(_Section):
@@ -145,7 +171,9 @@ class ExperimentConfig(_Section):
 
     @property
     def needs_estep(self) -> bool:
-        return self.method.name == "pcl"
+        from .methods import METHODS as registry
+
+        return registry[self.method.name].needs_estep
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of the resolved config (for MLflow params)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import tempfile
@@ -17,7 +18,7 @@ import torch
 from ..config import ExperimentConfig
 from ..data import ViewMaker, iterate_batches, load_split, shard_indices
 from ..methods import build_method
-from ..methods.moco import unwrap
+from ..methods.base import unwrap
 from .cluster_actor import NAMESPACE, actor_name
 
 STATE_FILE = "state.pt"
@@ -27,6 +28,16 @@ def say(message: str) -> None:
     """One progress line on the driver's console (bypasses Ray Train's print patch, which tees twice)."""
     sys.stdout.write(f"[pcl-ray] {message}\n")
     sys.stdout.flush()
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report's full metrics dict at INFO from each worker; keep the console readable."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except Exception:  # internal module moved: the lines just stay
+        pass
 
 
 def lr_at(cfg: ExperimentConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -50,15 +61,27 @@ def epoch_indices(n: int, rank: int, world: int, seed: int, epoch: int) -> np.nd
 
 @torch.no_grad()
 def embed_shard(method, ds, views: ViewMaker, indices: np.ndarray, batch_size: int, device) -> np.ndarray:
-    """Momentum-encoder embeddings (eval mode, deterministic transform) of ``indices``, in that order."""
-    enc = method.key_encoder
-    was_training = enc.training
-    enc.eval()
+    """The method's E-step embeddings (eval mode, deterministic transform) of ``indices``, in that order."""
+    module = method.estep_module()
+    was_training = module.training
+    module.eval()
     out = []
     for images, _ in iterate_batches(ds, indices, batch_size, shuffle=False, seed=0, drop_last=False):
-        out.append(method.embed_keys(views.eval(images.to(device))).float().cpu())
-    enc.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, method.queue.keys.shape[1]), np.float32)
+        out.append(method.embed_for_estep(views.eval(images.to(device))).float().cpu())
+    module.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def build_view_makers(method, cfg: ExperimentConfig, ds) -> tuple[list[ViewMaker], ViewMaker]:
+    """One ViewMaker per view the method asks for, plus the deterministic evaluation transform."""
+    size = ds.image_size
+
+    def make(spec_size: int, lo: float, hi: float) -> ViewMaker:
+        return ViewMaker(cfg.data.views.recipe, spec_size, ds.channels, ds.mean, ds.std,
+                         crop_min_scale=lo, crop_max_scale=hi)
+
+    makers = [make(v.size, v.min_scale, v.max_scale) for v in method.view_specs(size)]
+    return makers, make(size, cfg.data.views.crop_min_scale, 1.0)
 
 
 def fetch_prototypes(actor, epoch: int, rank: int, submit) -> "object":
@@ -88,6 +111,7 @@ def _save_state(path: Path, method, optimizer, epoch: int, step: int, extra: dic
 
 def train_loop(loop_config: dict) -> None:
     cfg = ExperimentConfig.model_validate(loop_config["cfg"])
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
@@ -96,12 +120,11 @@ def train_loop(loop_config: dict) -> None:
 
     ds = load_split(cfg.data, "train")
     n = len(ds)
-    views = ViewMaker(cfg.data.views.recipe, ds.image_size if cfg.data.image_size is None else cfg.data.image_size,
-                      ds.channels, ds.mean, ds.std, crop_min_scale=cfg.data.views.crop_min_scale)
     method = build_method(cfg, ds.channels, generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
-    online = ray.train.torch.prepare_model(method.encoder)
-    optimizer = torch.optim.SGD(unwrap(online).parameters(), lr=cfg.train.lr, momentum=cfg.train.sgd_momentum,
-                                weight_decay=cfg.train.weight_decay)
+    view_makers, views = build_view_makers(method, cfg, ds)
+    online = ray.train.torch.prepare_model(method.net)
+    optimizer = torch.optim.SGD([p for p in unwrap(online).parameters() if p.requires_grad], lr=cfg.train.lr,
+                                momentum=cfg.train.sgd_momentum, weight_decay=cfg.train.weight_decay)
 
     start_epoch, global_step = 0, 0
     ckpt = ray.train.get_checkpoint()
@@ -135,6 +158,7 @@ def train_loop(loop_config: dict) -> None:
             idx_ref, emb_ref = ray.put(own), ray.put(emb)
             pset = fetch_prototypes(actor, epoch, rank, lambda: actor.submit_shard.remote(epoch, rank, idx_ref, emb_ref))
             prototypes = pset.to_torch(device)
+            method.on_prototypes(prototypes)
             metrics.update(pset.stats())
             metrics["time/estep_total_s"] = time.perf_counter() - t0
             if rank == 0:
@@ -155,12 +179,14 @@ def train_loop(loop_config: dict) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = images.to(device, non_blocking=True)
-            batch_views = views.make_views(images, n=method.num_views, generator=gen)
-            loss, parts = method.training_loss(online, batch_views, index.to(device), prototypes, generator=gen)
+            batch_views = [make(images, generator=gen) for make in view_makers]
+            loss, parts = method.training_loss(online, batch_views, index.to(device), prototypes, generator=gen,
+                                               epoch=epoch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {step}: {parts}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            method.before_optimizer_step(epoch, global_step)
             optimizer.step()
             method.after_step()
             global_step += 1

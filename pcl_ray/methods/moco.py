@@ -8,28 +8,27 @@ from torch import nn
 from ..losses import accuracy, info_nce
 from ..models import KeyQueue, MomentumEncoder, build_encoder
 from ..models.collectives import concat_all_gather, shuffled_forward
+from .base import Method, unwrap
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module behind a DistributedDataParallel wrapper."""
-    return getattr(module, "module", module)
-
-
-class MoCo(nn.Module):
+class MoCo(Method):
     name = "moco"
     needs_estep = False
-    num_views = 2
 
     def __init__(self, cfg, in_channels: int, generator: torch.Generator | None = None):
-        super().__init__()
+        super().__init__(cfg)
         self.method_cfg = cfg.method
         self.encoder = build_encoder(cfg.model, in_channels)
+        self.net = self.encoder
         self.key_encoder = MomentumEncoder(self.encoder)
         self.queue = KeyQueue(cfg.method.queue_size, cfg.model.feature_dim, generator=generator)
         self._keys: torch.Tensor | None = None
 
-    def embed_keys(self, x: torch.Tensor) -> torch.Tensor:
-        """E-step features: the momentum encoder's normalized output (caller sets eval mode)."""
+    def estep_module(self) -> nn.Module:
+        return self.key_encoder
+
+    def embed_for_estep(self, x: torch.Tensor) -> torch.Tensor:
+        """PCL's E-step features: the momentum encoder's normalized output."""
         return self.key_encoder(x)
 
     def contrast(self, online: nn.Module, views: list[torch.Tensor]):
@@ -43,8 +42,7 @@ class MoCo(nn.Module):
         metrics = {"loss/info_nce": float(loss.detach()), "acc/instance": accuracy(logits, targets)}
         return q, loss, metrics
 
-    def training_loss(self, online: nn.Module, views, index, prototypes=None, generator=None):
-        """Return ``(loss, metrics)`` for one batch. ``online`` is the (possibly DDP-wrapped) encoder."""
+    def training_loss(self, online, views, index, prototypes=None, generator=None, epoch=0):
         _, loss, metrics = self.contrast(online, views)
         return loss, metrics
 

@@ -12,7 +12,7 @@ class PCL(MoCo):
     name = "pcl"
     needs_estep = True
 
-    def training_loss(self, online, views, index, prototypes=None, generator=None):
+    def training_loss(self, online, views, index, prototypes=None, generator=None, epoch=0):
         q, loss, metrics = self.contrast(online, views)
         if prototypes is None:  # warm-up: InfoNCE only (no proto accuracy is reported, rather than a fake 0)
             return loss, metrics

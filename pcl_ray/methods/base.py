@@ -1,0 +1,72 @@
+"""The contract every method implements; the worker loop only talks to this interface.
+
+A method is an ``nn.Module`` holding all of its state (so one ``state_dict`` checkpoints it):
+
+- ``self.encoder``: the :class:`~pcl_ray.models.Encoder` whose backbone is evaluated and exported
+  (checkpoint keys ``encoder.*``).
+- ``self.net``: the module with every trainable parameter. The loop wraps it in DDP
+  (``ray.train.torch.prepare_model``) and passes the wrapper as ``online``; ``training_loss``
+  must call ``online(...)`` exactly once per step (DDP allows one forward per backward).
+- ``needs_estep``: whether the cluster actor runs the epoch-level E-step for this method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One augmented view per batch: output size and the crop's scale range."""
+
+    size: int
+    min_scale: float
+    max_scale: float = 1.0
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module behind a DistributedDataParallel wrapper."""
+    return getattr(module, "module", module)
+
+
+class Method(nn.Module):
+    name = "base"
+    needs_estep = False
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    # ---- views ------------------------------------------------------------------------------
+    def view_specs(self, image_size: int) -> list[ViewSpec]:
+        """Views per image, in the order ``training_loss`` receives them. Default: two global crops."""
+        s = self.cfg.data.views.crop_min_scale
+        return [ViewSpec(image_size, s), ViewSpec(image_size, s)]
+
+    # ---- E-step -------------------------------------------------------------------------------
+    def estep_module(self) -> nn.Module:
+        """The module put in eval mode while the E-step embeds the training set."""
+        return self.encoder
+
+    def embed_for_estep(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalized embeddings that the cluster actor clusters (called under no_grad, eval mode)."""
+        return self.encoder(x)
+
+    def on_prototypes(self, prototypes) -> None:
+        """Called once per epoch with the epoch's prototypes (per granularity: assignments, centroids, φ)."""
+
+    # ---- M-step -------------------------------------------------------------------------------
+    def training_loss(self, online: nn.Module, views: list[torch.Tensor], index: torch.Tensor,
+                      prototypes=None, generator: torch.Generator | None = None, epoch: int = 0):
+        """Return ``(loss, metrics)`` for one batch; ``metrics`` maps names to floats."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self, epoch: int, global_step: int) -> None:
+        """Hook after ``backward()``, before ``optimizer.step()`` (e.g. freeze prototypes early on)."""
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Hook after ``optimizer.step()`` (momentum updates, queues, re-normalization)."""
