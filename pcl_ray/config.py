@@ -167,6 +167,11 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be >= ray.num_workers ({self.ray.num_workers})"
             )
+        if self.method.name == "deepcluster" and self.train.warmup_epochs != 0:
+            raise ValueError(
+                f"train.warmup_epochs must be 0 for method.name=deepcluster (got {self.train.warmup_epochs}): "
+                "it trains only on k-means pseudo-labels, clustered from the first epoch as in the reference"
+            )
         return self
 
     @property

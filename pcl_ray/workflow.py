@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import ExperimentConfig, dump_config
+from .config import ConfigError, ExperimentConfig, dump_config
 from .tracking import PROJECT_DIR, RunLogger, resolve_uri
 
 
@@ -73,6 +73,12 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
     from .evaluation.report import evaluate
 
     run_name = run_name or cfg.ray.run_name or default_run_name(cfg)
+    # Check what can be checked before anything is written: the data loads, every k fits.
+    num_samples = len(load_split(cfg.data, "train"))
+    if cfg.needs_estep:
+        too_big = [k for k in cfg.estep.num_clusters if k >= num_samples]
+        if too_big:
+            raise ConfigError(f"estep.num_clusters: {too_big} must be below the {num_samples} training images")
     root = storage_root(cfg)
     logger = _open_mlflow_run(cfg, root, run_name, parent_run_id)
     log(f"[pcl-ray] run {run_name}: MLflow run {logger.run_id} at {logger.tracking_uri}")
@@ -84,11 +90,7 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
             cfg_file.write_text(dump_config(cfg))
             logger.log_artifact(cfg_file)
         init_ray(cfg)
-        num_samples = len(load_split(cfg.data, "train"))
         if cfg.needs_estep:
-            too_big = [k for k in cfg.estep.num_clusters if k >= num_samples]
-            if too_big:
-                raise ValueError(f"estep.num_clusters: {too_big} must be < the {num_samples} training images")
             logger.log_params(_proto_form_params(cfg))
         outcome = fit(cfg, run_name, root, num_samples, logger.spec())
         if outcome.result.error is not None:

@@ -78,3 +78,25 @@ def test_cli_help_lists_verbs():
                           timeout=120)
     assert proc.returncode == 0
     assert "train" in proc.stdout
+
+
+def test_cli_missing_data_dir_fails_before_anything_is_written(tmp_path):
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "train", "--set", f"data.root={tmp_path / 'nowhere'}",
+         "--set", f"tracking.uri=sqlite:///{db}", "--set", f"ray.storage_path={tmp_path / 'runs'}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+    assert not db.exists() and not (tmp_path / "runs").exists()
+
+
+def test_cli_too_many_clusters_fails_before_anything_is_written(tmp_path):
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "train", str(ROOT / "pipelines" / "digits_tiny.yaml"),
+         "--set", "estep.num_clusters=[10,5000]", "--set", f"tracking.uri=sqlite:///{db}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "estep.num_clusters: [5000]" in proc.stderr
+    assert not db.exists()

@@ -12,8 +12,18 @@ from .contrastive import (
     resolve_proto_form,
     sample_negative_clusters,
 )
+from .clustering_ce import balanced_pairs, pair_bce, prototype_ce, symmetric_ce
+from .nt_xent import nt_xent
+from .swav import sinkhorn, swapped_prediction_loss
 
 __all__ = [
+    "nt_xent",
+    "sinkhorn",
+    "swapped_prediction_loss",
+    "balanced_pairs",
+    "pair_bce",
+    "prototype_ce",
+    "symmetric_ce",
     "AUTO_FACTOR",
     "accuracy",
     "info_nce",

@@ -1,0 +1,96 @@
+"""DeepCluster-v2: cross-entropy against k-means pseudo-labels through frozen prototype heads.
+
+Reference: Caron et al. 2020 (the SwAV paper, appendix), facebookresearch/swav
+``main_deepclusterv2.py``. Each epoch the training set is clustered at every granularity of
+``estep.num_clusters``; one bias-free linear head per granularity holds that granularity's
+L2-normalized centroids and is never trained (``requires_grad`` False). The M-step loss is, averaged over
+heads and over every crop of the batch, ``CE(softmax(z·Pᵀ/τ), assignment of the image)`` with
+τ = ``method.temperature`` (paper: 0.1) and an ignore index for unassigned images.
+
+Differences from the reference, all deliberate:
+
+* E-step features: the reference clusters a memory bank of last epoch's *training* embeddings
+  (prototypes one epoch stale). Here the loop's E-step makes a fresh eval-mode pass of the online
+  encoder over the training set at the start of the epoch (deterministic transform). DESIGN §2 plans a
+  streaming mode that feeds the actor the M-step's embeddings instead; this method then needs no change.
+* k-means: the cluster actor's faiss k-means (Euclidean on unit vectors, centroids L2-normalized
+  afterwards) rather than the reference's hand-written spherical k-means; faiss re-splits empty
+  clusters, and if one ever comes back empty its head keeps the previous centroid (as the reference).
+* Warm-up: the reference clusters from epoch 0 (random-init features) and has no other loss, so there is
+  nothing to train before the first E-step: this method requires ``train.warmup_epochs == 0``
+  (checked when the config is loaded).
+* Views: two global crops of the same size (the base :class:`Method` default) in one forward pass; the
+  paper's multi-crop (2×224 + 6×96) is not wired up here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import accuracy, prototype_ce
+from ..models import build_encoder
+from .base import Method
+
+IGNORE_INDEX = -1
+
+
+class DeepClusterV2(Method):
+    name = "deepcluster"
+    needs_estep = True
+
+    def __init__(self, cfg, in_channels: int, generator: torch.Generator | None = None):
+        super().__init__(cfg)
+        if cfg.train.warmup_epochs != 0:
+            raise ValueError(warmup_error(cfg.train.warmup_epochs))
+        self.temperature = cfg.method.temperature
+        self.encoder = build_encoder(cfg.model, in_channels)
+        self.net = self.encoder
+        d = cfg.model.feature_dim
+        self.prototypes = nn.ModuleList(nn.Linear(d, k, bias=False) for k in cfg.estep.num_clusters)
+        with torch.no_grad():
+            for head in self.prototypes:
+                head.weight.requires_grad_(False)
+                head.weight.copy_(F.normalize(head.weight, dim=1))
+
+    def embed_for_estep(self, x: torch.Tensor) -> torch.Tensor:
+        """The online encoder's L2-normalized output (a fresh eval-mode pass; see the module docstring)."""
+        return self.encoder(x)
+
+    @torch.no_grad()
+    def on_prototypes(self, prototypes) -> None:
+        """Copy each granularity's centroids into its frozen head; an empty cluster keeps its old centroid."""
+        if len(prototypes) != len(self.prototypes):
+            raise ValueError(f"expected {len(self.prototypes)} granularities (estep.num_clusters), "
+                             f"got {len(prototypes)}")
+        for head, (assignments, centroids, _) in zip(self.prototypes, prototypes, strict=True):
+            if centroids.shape != head.weight.shape:
+                raise ValueError(f"centroids of shape {tuple(centroids.shape)} do not fit the prototype head "
+                                 f"{tuple(head.weight.shape)}")
+            assigned = assignments[assignments != IGNORE_INDEX]
+            filled = torch.bincount(assigned, minlength=head.out_features) > 0
+            head.weight.copy_(torch.where(filled[:, None], centroids.to(head.weight), head.weight))
+
+    def training_loss(self, online, views, index, prototypes=None, generator=None, epoch=0):
+        if prototypes is None:
+            raise RuntimeError(warmup_error(self.cfg.train.warmup_epochs))
+        if len({tuple(v.shape[1:]) for v in views}) != 1:
+            raise ValueError("deepcluster: every view must have the same shape (one forward over all crops)")
+        z = online(torch.cat(views))  # crop-major: rows [c*B, (c+1)*B) are crop c of the batch
+        losses, accs = [], []
+        for head, (assignments, _, _) in zip(self.prototypes, prototypes, strict=True):
+            targets = assignments[index].repeat(len(views))
+            loss, logits = prototype_ce(z, head.weight, targets, self.temperature, ignore_index=IGNORE_INDEX)
+            losses.append(loss)
+            keep = targets != IGNORE_INDEX
+            accs.append(accuracy(logits.detach()[keep], targets[keep]))
+        loss = torch.stack(losses).mean()
+        metrics = {"loss/proto_ce": float(loss.detach()), "acc/proto": sum(accs) / len(accs)}
+        return loss, metrics
+
+
+def warmup_error(warmup_epochs: int) -> str:
+    return (f"train.warmup_epochs must be 0 for method.name=deepcluster, got {warmup_epochs}: DeepCluster-v2 "
+            "trains only on k-means pseudo-labels, clustered from the first epoch (as the reference does), "
+            "so there is no loss to warm up with")

@@ -1,0 +1,57 @@
+"""SimCLR: one encoder, two views, NT-Xent with in-batch negatives gathered from every worker."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed.nn.functional as dist_nn
+from torch import nn
+
+from ..losses import accuracy, nt_xent
+from ..models import Encoder, build_encoder
+from ..models.collectives import world
+from .base import Method
+
+
+class SimCLRNet(nn.Module):
+    """Both views through the encoder as ONE batch, so BatchNorm normalizes over both views.
+
+    (Two separate forward passes would give each view its own batch statistics, a cue the
+    network can use to tell the views apart; and DDP allows one forward per backward.)
+    """
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(torch.cat([x_a, x_b]))
+        return z[: x_a.shape[0]], z[x_a.shape[0] :]
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``t`` concatenated along dim 0; gradients flow back to each rank's own rows."""
+    return torch.cat(dist_nn.all_gather(t))
+
+
+class SimCLR(Method):
+    name = "simclr"
+    needs_estep = False
+
+    def __init__(self, cfg, in_channels: int, generator: torch.Generator | None = None):
+        super().__init__(cfg)
+        self.temperature = cfg.method.temperature
+        self.encoder = build_encoder(cfg.model, in_channels)
+        self.net = SimCLRNet(self.encoder)
+
+    def training_loss(self, online, views, index, prototypes=None, generator=None, epoch=0):
+        z_a, z_b = online(views[0], views[1])
+        rank, ws = world()
+        if ws > 1:
+            # Negatives from the whole global batch (2N - 2 per row). The gathered copies carry
+            # gradients back to the rank that produced them, so with DDP's gradient averaging
+            # every worker's update is the gradient of the global-batch loss.
+            loss, logits, targets = nt_xent(z_a, z_b, self.temperature, z_a_all=gather_with_grad(z_a),
+                                            z_b_all=gather_with_grad(z_b), rank_offset=rank * z_a.shape[0])
+        else:
+            loss, logits, targets = nt_xent(z_a, z_b, self.temperature)
+        return loss, {"loss/nt_xent": float(loss.detach()), "acc/instance": accuracy(logits, targets)}

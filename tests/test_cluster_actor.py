@@ -1,0 +1,91 @@
+"""The cluster actor: shard hand-off through the object store, epoch tags, restart recovery."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pcl_ray.estep import run_estep
+
+pytestmark = pytest.mark.ray
+
+ESTEP = {"num_clusters": [4, 8], "temperature": 0.2, "niter": 10, "nredo": 1, "seed": 3, "backend": "cpu"}
+
+
+def _features(n=400, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(4, d))
+    x = centres[rng.integers(0, 4, n)] + 0.1 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _submit_all(ray, actor, epoch, feats, world=2):
+    n = len(feats)
+    refs = []
+    for rank in range(world):
+        idx = np.arange(n)[rank::world]
+        refs.append(actor.submit_shard.remote(epoch, rank, ray.put(idx), ray.put(feats[idx])))
+    ray.get(refs)
+
+
+def test_actor_publishes_epoch_tagged_prototypes_equal_to_library_estep(ray_local):
+    ray = ray_local
+    from pcl_ray.distributed.cluster_actor import start_cluster_actor
+
+    feats = _features()
+    actor = start_cluster_actor("t-publish", len(feats), feats.shape[1], ESTEP)
+    try:
+        _submit_all(ray, actor, 5, feats)
+        reply = ray.get(actor.wait_prototypes.remote(5, 0, 30.0))
+        assert reply["status"] == "ready"
+        pset = ray.get(reply["ref"][0])
+        assert pset.epoch == 5
+        direct = run_estep(feats, epoch=5, **ESTEP)
+        for got, want in zip(pset.granularities, direct.granularities):
+            np.testing.assert_array_equal(got.assignments, want.assignments)
+            np.testing.assert_allclose(got.concentration, want.concentration, rtol=1e-5)
+        # a later epoch is not served before its shards are complete, and never as the stale epoch
+        idx = np.arange(len(feats))[0::2]
+        ray.get(actor.submit_shard.remote(6, 0, ray.put(idx), ray.put(feats[idx])))
+        assert ray.get(actor.wait_prototypes.remote(6, 0, 0.5))["status"] == "pending"
+        assert ray.get(actor.wait_prototypes.remote(6, 1, 0.5))["status"] == "missing"
+    finally:
+        ray.kill(actor)
+
+
+def test_bad_shard_is_rejected_with_a_clear_error(ray_local):
+    ray = ray_local
+    from pcl_ray.distributed.cluster_actor import start_cluster_actor
+
+    actor = start_cluster_actor("t-bad", 10, 4, ESTEP)
+    try:
+        with pytest.raises(ray.exceptions.RayTaskError, match="do not match"):
+            ray.get(actor.submit_shard.remote(0, 0, np.arange(3), np.zeros((3, 5), np.float32)))
+        with pytest.raises(ray.exceptions.RayTaskError, match="outside"):
+            ray.get(actor.submit_shard.remote(0, 0, np.array([10]), np.zeros((1, 4), np.float32)))
+    finally:
+        ray.kill(actor)
+
+
+def test_restarted_actor_asks_for_shards_again(ray_local):
+    ray = ray_local
+    from pcl_ray.distributed.cluster_actor import start_cluster_actor
+
+    feats = _features(seed=1)
+    actor = start_cluster_actor("t-restart", len(feats), feats.shape[1], ESTEP)
+    try:
+        idx = np.arange(len(feats))[0::2]
+        ray.get(actor.submit_shard.remote(2, 0, ray.put(idx), ray.put(feats[idx])))
+        ray.kill(actor, no_restart=False)  # crash: Ray restarts it with an empty store
+        reply = None
+        for _ in range(50):
+            try:
+                reply = ray.get(actor.wait_prototypes.remote(2, 0, 0.5))
+                break
+            except ray.exceptions.RayActorError:
+                continue
+        assert reply == {"status": "missing"}
+        _submit_all(ray, actor, 2, feats)
+        assert ray.get(actor.wait_prototypes.remote(2, 0, 30.0))["status"] == "ready"
+    finally:
+        ray.kill(actor)
