@@ -74,7 +74,8 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
 
     run_name = run_name or cfg.ray.run_name or default_run_name(cfg)
     # Check what can be checked before anything is written: the data loads, every k fits.
-    num_samples = len(load_split(cfg.data, "train"))
+    train_labels = load_split(cfg.data, "train").labels  # for monitoring only (estep/k*/ami_labels)
+    num_samples = len(train_labels)
     if cfg.needs_estep:
         too_big = [k for k in cfg.estep.num_clusters if k >= num_samples]
         if too_big:
@@ -92,7 +93,7 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
         init_ray(cfg)
         if cfg.needs_estep:
             logger.log_params(_proto_form_params(cfg))
-        outcome = fit(cfg, run_name, root, num_samples, logger.spec())
+        outcome = fit(cfg, run_name, root, num_samples, logger.spec(), labels=train_labels)
         if outcome.result.error is not None:
             raise outcome.result.error
         logger.log_params({"estep.backend_used": "faiss-gpu" if outcome.backend_gpus else "faiss-cpu"}

@@ -263,3 +263,25 @@ def test_concentration_degenerate_inputs_stay_finite() -> None:
 def test_granularity_rejects_inconsistent_shapes() -> None:
     with pytest.raises(ValueError, match="rows"):
         Granularity(3, np.zeros(4), np.zeros((2, 8)), np.ones(3), np.zeros(3))
+
+
+def test_label_agreement_diagnostic_is_ami_of_assignments():
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    from pcl_ray.estep.diagnostics import with_label_agreement
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8))
+    labels = rng.integers(0, 3, 300)
+    x = (centres[labels] + 0.05 * rng.normal(size=(300, 8))).astype(np.float32)
+    pset = run_estep(x, [3, 6], 0.2, nredo=1, seed=0)
+    labelled = labels.copy()
+    labelled[:10] = -1  # unknown labels are left out
+    out = with_label_agreement(pset, labelled)
+    stats = out.stats()
+    for i, g in enumerate(pset.granularities):
+        want = adjusted_mutual_info_score(labels[10:], g.assignments[10:])
+        assert stats[f"estep/k{g.num_clusters}/ami_labels"] == pytest.approx(want)
+    assert stats["estep/k3/ami_labels"] > 0.99
+    assert with_label_agreement(pset, np.full(300, -1)) is pset
+    assert "estep/k3/ami_labels" not in pset.stats()

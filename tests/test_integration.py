@@ -41,6 +41,7 @@ def test_pcl_trains_evaluates_logs_and_resumes(ray_local, tmp_path):
     sizes = client.get_metric_history(out.mlflow_run_id, "estep/k10/size_max")
     assert [m.step for m in sizes] == [2]
     assert sizes[0].value >= 1500 / 10
+    assert [m.step for m in client.get_metric_history(out.mlflow_run_id, "estep/k10/ami_labels")] == [2]
     proto = client.get_metric_history(out.mlflow_run_id, "acc/proto")
     assert [m.step for m in proto] == [2]
     losses = client.get_metric_history(out.mlflow_run_id, "loss/total")

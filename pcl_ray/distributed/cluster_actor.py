@@ -17,6 +17,7 @@ import numpy as np
 import ray
 
 from ..estep import run_estep
+from ..estep.diagnostics import with_label_agreement
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,14 @@ NAMESPACE = "pcl_ray"
 class ClusterActor:
     """Asyncio actor. Create it with :func:`start_cluster_actor`."""
 
-    def __init__(self, num_samples: int, dim: int, estep_kwargs: dict[str, Any], keep_epochs: int = 2):
+    def __init__(self, num_samples: int, dim: int, estep_kwargs: dict[str, Any], keep_epochs: int = 2,
+                 labels: np.ndarray | None = None):
         self.num_samples = int(num_samples)
         self.dim = int(dim)
         self.estep_kwargs = dict(estep_kwargs)
         self.keep_epochs = keep_epochs
+        # labels only feed the health metric estep/k*/ami_labels; the E-step never sees them
+        self.labels = None if labels is None else np.asarray(labels).copy()
         self.store = np.zeros((self.num_samples, self.dim), dtype=np.float32)
         self._covered: dict[int, np.ndarray] = {}
         self._ranks: dict[int, set[int]] = {}
@@ -106,7 +110,7 @@ class ClusterActor:
         t0 = time.perf_counter()
         try:
             pset = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: run_estep(features, epoch=epoch, **self.estep_kwargs)
+                None, lambda: with_label_agreement(run_estep(features, epoch=epoch, **self.estep_kwargs), self.labels)
             )
             self._published[epoch] = ray.put(pset)
             log.info("E-step epoch %d done in %.2fs", epoch, time.perf_counter() - t0)
@@ -127,7 +131,7 @@ def actor_name(run_name: str) -> str:
 
 
 def start_cluster_actor(run_name: str, num_samples: int, dim: int, estep_kwargs: dict[str, Any], *,
-                        num_cpus: float = 0.0, num_gpus: float = 0.0):
+                        num_cpus: float = 0.0, num_gpus: float = 0.0, labels: np.ndarray | None = None):
     """Create (or attach to) the run's named cluster actor. Restarts on failure; workers resubmit shards."""
     cls = ray.remote(ClusterActor)
     return cls.options(
@@ -140,4 +144,4 @@ def start_cluster_actor(run_name: str, num_samples: int, dim: int, estep_kwargs:
         max_restarts=3,
         max_task_retries=3,
         max_concurrency=64,
-    ).remote(num_samples, dim, estep_kwargs)
+    ).remote(num_samples, dim, estep_kwargs, labels=labels)

@@ -65,7 +65,7 @@ class FitOutcome:
 
 
 def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: int,
-        mlflow_spec: dict[str, str] | None) -> FitOutcome:
+        mlflow_spec: dict[str, str] | None, labels=None) -> FitOutcome:
     """Run the EM training loop on Ray Train. Same ``(storage_path, run_name)`` resumes from the latest checkpoint."""
     gpu = use_gpu(cfg)
     actor = None
@@ -84,7 +84,7 @@ def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: i
             "num_threads": cfg.estep.num_threads,
         }
         actor = start_cluster_actor(run_name, num_samples, cfg.model.feature_dim, estep_kwargs,
-                                    num_cpus=cfg.ray.actor_cpus, num_gpus=gpus)
+                                    num_cpus=cfg.ray.actor_cpus, num_gpus=gpus, labels=labels)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -77,6 +78,8 @@ class PrototypeSet:
     granularities: tuple[Granularity, ...]
     backend: str  #: "faiss-cpu" or "faiss-gpu"
     seconds: float  #: wall time of the E-step
+    #: extra per-epoch health metrics (e.g. agreement with labels, never used for training)
+    diagnostics: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "granularities", tuple(self.granularities))
@@ -94,14 +97,18 @@ class PrototypeSet:
         """Per granularity ``(assignments, centroids, concentration)`` tensors on ``device``."""
         return [g.to_torch(device) for g in self.granularities]
 
+    def metric_prefix(self, i: int) -> str:
+        """``estep/k{k}`` for granularity ``i``; ``estep/k{k}_g{i}`` when that k occurs twice."""
+        k = self.granularities[i].num_clusters
+        return f"estep/k{k}" + (f"_g{i}" if Counter(self.num_clusters)[k] > 1 else "")
+
     def stats(self) -> dict[str, float]:
         """Flat metrics dict: ``estep/k{k}/{size_min,size_median,size_max,empty,phi_mean,phi_min,phi_max}``
         per granularity, plus ``estep/seconds``. A k that occurs twice gets ``estep/k{k}_g{i}``.
         """
-        counts = Counter(self.num_clusters)
         out: dict[str, float] = {}
         for i, g in enumerate(self.granularities):
-            key = f"estep/k{g.num_clusters}" + (f"_g{i}" if counts[g.num_clusters] > 1 else "")
+            key = self.metric_prefix(i)
             phi = g.concentration.astype(np.float64)
             out.update(
                 {
@@ -115,4 +122,5 @@ class PrototypeSet:
                 }
             )
         out["estep/seconds"] = float(self.seconds)
+        out.update({k: float(v) for k, v in self.diagnostics.items()})
         return out
