@@ -47,6 +47,8 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: Literal["convnet", "resnet18", "resnet50"] = "convnet"
+    stem: Literal["small", "imagenet"] = Field(
+        "small", description="ResNet stem: 3x3 stride-1 conv, no max-pool (small images) or the 7x7/2 + max-pool one")
     width: int = Field(32, gt=0, description="base channel width of the convnet backbone")
     feature_dim: int = Field(128, gt=0)
     mlp_head: bool = True
@@ -138,6 +140,9 @@ class TrackingConfig(_Section):
     run_name: str | None = None
 
 
+EVAL_SUITES = ("knn", "linear", "lowshot", "finetune", "cluster", "tsne", "export")
+
+
 class EvalConfig(_Section):
     enabled: bool = True
     knn_k: int = Field(200, gt=0)
@@ -145,6 +150,37 @@ class EvalConfig(_Section):
     kmeans_restarts: int = Field(5, gt=0)
     feature: Literal["backbone", "head"] = "backbone"
     baselines: bool = True
+    # `run.py eval` suite (pcl_ray.evaluation.suite); `--suite` on the command line overrides `suites`.
+    suites: list[Literal[EVAL_SUITES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: [s for s in EVAL_SUITES if s != "finetune"], min_length=1,
+        description="suites `run.py eval` runs by default (finetune is expensive on CPU)")
+    linear_weight_decays: list[float] = Field(
+        default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2], min_length=1,
+        description="L2 penalties tried by the linear probe, chosen on a validation split of train")
+    linear_val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    linear_max_iter: int = Field(100, gt=0, description="L-BFGS iterations per fit")
+    lowshot_shots: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
+    lowshot_draws: int = Field(5, gt=0, description="random draws of the labelled images per shot")
+    lowshot_costs: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0], min_length=1)
+    lowshot_val_per_class: int = Field(20, gt=0, description="validation images per class for choosing C "
+                                                             "(drawn from the remaining train images)")
+    finetune_fractions: list[float] = Field(default_factory=lambda: [0.01, 0.1], min_length=1)
+    finetune_epochs: int = Field(10, gt=0)
+    finetune_batch_size: int = Field(128, gt=1)
+    finetune_lr: float = Field(0.01, gt=0.0, description="backbone learning rate")
+    finetune_classifier_lr: float = Field(0.1, gt=0.0)
+    tsne_points: int = Field(3000, gt=1, description="test points in the t-SNE picture (seeded subsample)")
+    export_splits: list[Literal["train", "test"]] = Field(default_factory=lambda: ["train", "test"], min_length=1)
+
+    @model_validator(mode="after")
+    def _check_eval_grids(self) -> "EvalConfig":
+        if any(k < 1 for k in self.lowshot_shots):
+            raise ValueError(f"lowshot_shots must all be >= 1, got {self.lowshot_shots}")
+        if any(c <= 0 for c in self.lowshot_costs) or any(w < 0 for w in self.linear_weight_decays):
+            raise ValueError("lowshot_costs must be > 0 and linear_weight_decays >= 0")
+        if any(not 0.0 < f <= 1.0 for f in self.finetune_fractions):
+            raise ValueError(f"finetune_fractions must lie in (0, 1], got {self.finetune_fractions}")
+        return self
 
 
 class ExperimentConfig(_Section):

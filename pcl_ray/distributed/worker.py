@@ -60,13 +60,15 @@ def epoch_indices(n: int, rank: int, world: int, seed: int, epoch: int) -> np.nd
 
 
 @torch.no_grad()
-def embed_shard(method, ds, views: ViewMaker, indices: np.ndarray, batch_size: int, device) -> np.ndarray:
+def embed_shard(method, ds, views: ViewMaker, indices: np.ndarray, batch_size: int, device,
+                loader_workers: int = 0) -> np.ndarray:
     """The method's E-step embeddings (eval mode, deterministic transform) of ``indices``, in that order."""
     module = method.estep_module()
     was_training = module.training
     module.eval()
     out = []
-    for images, _ in iterate_batches(ds, indices, batch_size, shuffle=False, seed=0, drop_last=False):
+    for images, _ in iterate_batches(ds, indices, batch_size, shuffle=False, seed=0, drop_last=False,
+                                     loader_workers=loader_workers):
         out.append(method.embed_for_estep(views.eval(images.to(device))).float().cpu())
     module.train(was_training)
     return torch.cat(out).numpy()
@@ -154,7 +156,7 @@ def train_loop(loop_config: dict) -> None:
         if method.needs_estep and epoch >= cfg.train.warmup_epochs:
             t0 = time.perf_counter()
             own = shard_indices(n, rank, world)
-            emb = embed_shard(method, ds, views, own, max(256, local_bs), device)
+            emb = embed_shard(method, ds, views, own, max(256, local_bs), device, cfg.data.views.loader_workers)
             idx_ref, emb_ref = ray.put(own), ray.put(emb)
             pset = fetch_prototypes(actor, epoch, rank, lambda: actor.submit_shard.remote(epoch, rank, idx_ref, emb_ref))
             prototypes = pset.to_torch(device)

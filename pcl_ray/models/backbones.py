@@ -38,23 +38,25 @@ class ConvNet(nn.Module):
         return self.features(x)
 
 
-def _small_stem_resnet(factory, in_channels: int) -> tuple[nn.Module, int]:
+def _resnet(factory, in_channels: int, small_stem: bool) -> tuple[nn.Module, int]:
     net = factory(weights=None)
-    # Small-image stem (CIFAR-style): 3x3 stride-1 conv, no max-pool.
-    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
+    if small_stem:  # CIFAR-style: 3x3 stride-1 conv, no max-pool
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     out_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, out_dim
 
 
-def build_backbone(name: str, in_channels: int, width: int = 32) -> tuple[nn.Module, int]:
+def build_backbone(name: str, in_channels: int, width: int = 32, small_stem: bool = True) -> tuple[nn.Module, int]:
     """Return ``(module, feature_dim)``; the module maps images to pooled features."""
     if name == "convnet":
         net = ConvNet(in_channels, width)
         return net, net.out_dim
     if name == "resnet18":
-        return _small_stem_resnet(resnet18, in_channels)
+        return _resnet(resnet18, in_channels, small_stem)
     if name == "resnet50":
-        return _small_stem_resnet(resnet50, in_channels)
+        return _resnet(resnet50, in_channels, small_stem)
     raise ValueError(f"model.backbone: expected one of convnet, resnet18, resnet50, got {name!r}")

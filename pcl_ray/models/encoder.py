@@ -24,9 +24,10 @@ class ProjectionHead(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, backbone: str, in_channels: int, feature_dim: int = 128, mlp_head: bool = True, width: int = 32):
+    def __init__(self, backbone: str, in_channels: int, feature_dim: int = 128, mlp_head: bool = True, width: int = 32,
+                 small_stem: bool = True):
         super().__init__()
-        self.backbone, self.backbone_dim = build_backbone(backbone, in_channels, width)
+        self.backbone, self.backbone_dim = build_backbone(backbone, in_channels, width, small_stem)
         self.head = ProjectionHead(self.backbone_dim, feature_dim, mlp_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,4 +40,5 @@ class Encoder(nn.Module):
 
 
 def build_encoder(model_cfg, in_channels: int) -> Encoder:
-    return Encoder(model_cfg.backbone, in_channels, model_cfg.feature_dim, model_cfg.mlp_head, model_cfg.width)
+    return Encoder(model_cfg.backbone, in_channels, model_cfg.feature_dim, model_cfg.mlp_head, model_cfg.width,
+                   small_stem=model_cfg.stem == "small")
