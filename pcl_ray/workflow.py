@@ -67,7 +67,7 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 
 def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: str | None = None,
-          log=print) -> TrainOutcome:
+          log=print, callbacks: list | None = None, tags: dict[str, str] | None = None) -> TrainOutcome:
     from .data import load_split
     from .distributed.trainer import fit, init_ray
     from .evaluation.report import evaluate
@@ -82,6 +82,8 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
             raise ConfigError(f"estep.num_clusters: {too_big} must be below the {num_samples} training images")
     root = storage_root(cfg)
     logger = _open_mlflow_run(cfg, root, run_name, parent_run_id)
+    if tags:
+        logger.set_tags(tags)
     log(f"[pcl-ray] run {run_name}: MLflow run {logger.run_id} at {logger.tracking_uri}")
     logger.log_params(cfg.flat())
     status = "FAILED"
@@ -93,7 +95,7 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
         init_ray(cfg)
         if cfg.needs_estep:
             logger.log_params(_proto_form_params(cfg))
-        outcome = fit(cfg, run_name, root, num_samples, logger.spec(), labels=train_labels)
+        outcome = fit(cfg, run_name, root, num_samples, logger.spec(), labels=train_labels, callbacks=callbacks)
         if outcome.result.error is not None:
             raise outcome.result.error
         logger.log_params({"estep.backend_used": "faiss-gpu" if outcome.backend_gpus else "faiss-cpu"}

@@ -46,6 +46,8 @@ def test_pcl_trains_evaluates_logs_and_resumes(ray_local, tmp_path):
     assert [m.step for m in proto] == [2]
     losses = client.get_metric_history(out.mlflow_run_id, "loss/total")
     assert [m.step for m in losses] == [1, 2]
+    online = client.get_metric_history(out.mlflow_run_id, "online/knn_acc")
+    assert [m.step for m in online] == [1, 2] and all(0 < m.value <= 1 for m in online)
     assert all(m.value == m.value and m.value > 0 for m in losses)
     assert run.data.params["method.name"] == "pcl"
     assert run.data.params["proto_form.k10"] == "full"

@@ -65,8 +65,12 @@ class FitOutcome:
 
 
 def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: int,
-        mlflow_spec: dict[str, str] | None, labels=None) -> FitOutcome:
-    """Run the EM training loop on Ray Train. Same ``(storage_path, run_name)`` resumes from the latest checkpoint."""
+        mlflow_spec: dict[str, str] | None, labels=None, callbacks: list | None = None) -> FitOutcome:
+    """Run the EM training loop on Ray Train. Same ``(storage_path, run_name)`` resumes from the latest checkpoint.
+
+    ``callbacks`` go to the trainer's RunConfig (a Tune trial passes ``TuneReportCallback()`` so that
+    every epoch's report reaches Tune).
+    """
     gpu = use_gpu(cfg)
     actor = None
     gpus = 0.0
@@ -103,6 +107,7 @@ def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: i
             storage_path=str(storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            callbacks=callbacks or None,
         ),
     )
     result = trainer.fit()

@@ -144,6 +144,12 @@ def train_loop(loop_config: dict) -> None:
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the data ({n} images)")
     actor = ray.get_actor(actor_name(loop_config["run_name"]), namespace=NAMESPACE) if method.needs_estep else None
+    online_knn = None
+    if rank == 0 and cfg.eval.online_every:
+        from ..evaluation.online import OnlineKNN
+
+        online_knn = OnlineKNN(ds, cfg.eval.online_bank, cfg.eval.online_queries, cfg.eval.knn_k,
+                               cfg.eval.knn_temperature)
     tracker = None
     if rank == 0 and loop_config.get("mlflow"):
         from ..tracking import RunLogger
@@ -206,6 +212,11 @@ def train_loop(loop_config: dict) -> None:
         metrics["throughput/img_per_s"] = seen * world / elapsed
         metrics["time/epoch_s"] = elapsed
 
+        if online_knn is not None and (epoch + 1) % cfg.eval.online_every == 0:
+            acc = online_knn(method.encoder, views, device)
+            if acc is not None:
+                metrics["online/knn_acc"] = acc
+
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -213,7 +224,8 @@ def train_loop(loop_config: dict) -> None:
                             {"config": loop_config["cfg"]})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 summary = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in
-                                   ("loss/total", "acc/instance", "acc/proto") if k in metrics)
+                                   ("loss/total", "acc/instance", "acc/proto", "online/knn_acc")
+                                   if k in metrics)
                 say(f"epoch {epoch + 1}/{cfg.train.epochs} done in {elapsed:.1f}s: {summary} "
                       f"({metrics['throughput/img_per_s']:.0f} img/s)")
                 if tracker is not None:
