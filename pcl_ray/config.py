@@ -86,6 +86,8 @@ class MethodConfig(_Section):
     num_negative_prototypes: int = Field(1024, ge=0, description="r: negatives per granularity (sampled form)")
     proto_weight: float = Field(1.0, ge=0.0)
     proto_form: Literal["auto", "sampled", "full"] = "auto"
+    fixed_proto_temperature: bool = Field(
+        False, description="PCL ablation: every prototype uses method.temperature instead of its φ")
     swav: SwAVConfig = SwAVConfig()
     spcl: SPCLConfig = SPCLConfig()
 

@@ -67,10 +67,12 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 
 def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: str | None = None,
-          log=print, callbacks: list | None = None, tags: dict[str, str] | None = None) -> TrainOutcome:
+          log=print, callbacks: list | None = None, tags: dict[str, str] | None = None,
+          init_checkpoint: str | None = None) -> TrainOutcome:
     from .data import load_split
     from .distributed.trainer import fit, init_ray
     from .evaluation.report import evaluate
+    from .methods import METHODS
 
     run_name = run_name or cfg.ray.run_name or default_run_name(cfg)
     # Check what can be checked before anything is written: the data loads, every k fits.
@@ -93,9 +95,9 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
             cfg_file.write_text(dump_config(cfg))
             logger.log_artifact(cfg_file)
         init_ray(cfg)
-        if cfg.needs_estep:
-            logger.log_params(_proto_form_params(cfg))
-        outcome = fit(cfg, run_name, root, num_samples, logger.spec(), labels=train_labels, callbacks=callbacks)
+        logger.log_params(METHODS[cfg.method.name].run_params(cfg))
+        outcome = fit(cfg, run_name, root, num_samples, logger.spec(), labels=train_labels, callbacks=callbacks,
+                      init_checkpoint=init_checkpoint)
         if outcome.result.error is not None:
             raise outcome.result.error
         logger.log_params({"estep.backend_used": "faiss-gpu" if outcome.backend_gpus else "faiss-cpu"}
@@ -111,16 +113,12 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
                 logger.log_metrics({f"eval/{row}/{k}": v for k, v in values.items()})
         status = "FINISHED"
         return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        log(f"[pcl-ray] interrupted: continue with `python run.py train ... --resume {run_name}`")
+        raise
     finally:
         logger.end(status)
-
-
-def _proto_form_params(cfg: ExperimentConfig) -> dict[str, str]:
-    from .losses import resolve_proto_form
-
-    local_bs = cfg.train.batch_size // cfg.ray.num_workers
-    return {f"proto_form.k{k}": resolve_proto_form(cfg.method.proto_form, k, local_bs, cfg.method.num_negative_prototypes)
-            for k in cfg.estep.num_clusters}
 
 
 def _log_training_artifacts(cfg: ExperimentConfig, logger: RunLogger, outcome, log) -> None:

@@ -2,8 +2,12 @@
 
 from .moco import MoCo
 from .pcl import PCL
+from .deepcluster import DeepClusterV2
+from .spcl import SPCL
+from .simclr import SimCLR
+from .swav import SwAV
 
-METHODS = {m.name: m for m in (MoCo, PCL)}
+METHODS = {m.name: m for m in (MoCo, PCL, DeepClusterV2, SPCL, SimCLR, SwAV)}
 
 
 def build_method(cfg, in_channels: int, generator=None):
@@ -14,4 +18,4 @@ def build_method(cfg, in_channels: int, generator=None):
     return cls(cfg, in_channels, generator=generator)
 
 
-__all__ = ["METHODS", "build_method", "MoCo", "PCL"]
+__all__ = ["METHODS", "build_method", "MoCo", "PCL", "SimCLR", "SwAV", "DeepClusterV2", "SPCL"]

@@ -40,6 +40,11 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
 
+    @classmethod
+    def run_params(cls, cfg) -> dict[str, str]:
+        """Extra MLflow params that say which variant of the method this config runs."""
+        return {}
+
     # ---- views ------------------------------------------------------------------------------
     def view_specs(self, image_size: int) -> list[ViewSpec]:
         """Views per image, in the order ``training_loss`` receives them. Default: two global crops."""
