@@ -1,4 +1,5 @@
-"""Command-line interface: ``python run.py [train] [PIPELINE] [--set key=value ...]``."""
+"""Command-line interface: ``python run.py [train] [PIPELINE] [--set key=value ...]``,
+``python run.py eval RUN [--suite ...] [--set key=value ...]``."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import EVAL_SUITES, ConfigError, load_config
 from .tracking import PROJECT_DIR
 
 DEFAULT_PIPELINE = PROJECT_DIR / "pipelines" / "fmnist_pcl.yaml"
+VERBS = ("train", "eval")
 
 EPILOG = """examples:
   python run.py                                   # PCL on Fashion-MNIST, local Ray, then evaluation
@@ -17,6 +19,42 @@ EPILOG = """examples:
   python run.py train pipelines/fmnist_pcl.yaml --set train.epochs=3 --set estep.num_clusters=[10,50]
   python run.py train pipelines/fmnist_pcl.yaml --set ray.address=auto   # attach to a running Ray cluster
   python run.py train pipelines/fmnist_pcl.yaml --resume                 # continue the latest run
+  python run.py eval pcl-fashion-mnist-20261123-192110                   # evaluate a finished run
+"""
+
+EVAL_DESCRIPTION = """\
+Evaluate a trained encoder on the labelled test split and log the results to the run's MLflow run.
+
+RUN is one of:
+  - a checkpoint file: runs/<name>/final_state.pt or runs/<name>/checkpoint_*/state.pt
+    (or a folder holding one);
+  - a run name under runs/ (its final_state.pt, else its latest checkpoint);
+  - an MLflow run id (its local checkpoint, else its logged config.yaml + model/backbone.pt).
+
+The config is the one saved with the checkpoint; --set overrides keys of it. Metrics are logged as
+eval/<suite>/<metric> to the run's MLflow run when it is known (else to a new run in
+tracking.experiment), artifacts under eval/, and printed as a table.
+
+suites:
+  knn       weighted kNN accuracy (cosine; eval.knn_k, eval.knn_temperature)
+  linear    linear probe: logistic regression on standardized frozen features, L2 penalty
+            chosen on a validation split of train (eval.linear_*)
+  lowshot   linear SVM on k in eval.lowshot_shots labelled images per class, eval.lowshot_draws
+            seeded draws, mean +- std; C chosen on validation images from the rest of train,
+            never on the test set (eval.lowshot_*)
+  finetune  backbone + linear classifier fine-tuned on 1% and 10% of the labels (eval.finetune_*;
+            slow on CPU, not in the default set)
+  cluster   k-means (k = number of classes) on test features: AMI, NMI, ARI, Hungarian accuracy
+  tsne      t-SNE picture of eval.tsne_points test features coloured by class (tsne.png)
+  export    embeddings + labels to Parquet (embeddings.parquet) and the backbone state dict
+            (backbone.pt, loadable into plain torchvision / pcl_ray.models.ConvNet)
+"""
+
+EVAL_EPILOG = """examples:
+  python run.py eval pcl-fashion-mnist-20261123-192110
+  python run.py eval runs/pcl-fashion-mnist-20261123-192110/final_state.pt --suite knn,linear,lowshot
+  python run.py eval b81ea2b39dd748f3b623db2253d6320c --suite all --set eval.finetune_epochs=2
+  python run.py eval RUN --suite lowshot --set eval.lowshot_draws=10 --set eval.feature=head
 """
 
 
@@ -43,6 +81,23 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="__latest__", default=None, metavar="RUN_NAME",
                    help="resume a run from its latest checkpoint (default: the most recent run)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a trained run or checkpoint (kNN, linear probe, low-shot SVM, clustering, ...)",
+        description=EVAL_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EVAL_EPILOG,
+    )
+    e.add_argument("run", metavar="RUN", help="checkpoint path, run name under runs/, or MLflow run id")
+    e.add_argument("--suite", default=None, metavar="NAMES",
+                   help=f"comma-separated suites from {{{','.join(EVAL_SUITES)}}} or 'all' "
+                        "(default: eval.suites, i.e. all but finetune)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the run's saved config, e.g. --set eval.lowshot_draws=2 (repeatable)")
+    e.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for the artifacts (default: eval/ beside the checkpoint)")
+    e.add_argument("--no-mlflow", action="store_true", help="print the results only; log nothing to MLflow")
     return p
 
 
@@ -87,15 +142,74 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _format_metrics(metrics: dict[str, float]) -> list[tuple[str, str, str]]:
+    """Table rows ``(suite, metric, value)``; ``<name>_mean`` and ``<name>_std`` share one row."""
+    rows = []
+    for key, value in metrics.items():
+        _, suite, name = key.split("/", 2)
+        if name.endswith("_std") and f"eval/{suite}/{name[:-4]}_mean" in metrics:
+            continue
+        if name.endswith("_mean") and (std := metrics.get(f"eval/{suite}/{name[:-5]}_std")) is not None:
+            rows.append((suite, name[:-5], f"{value:.4f} ± {std:.4f}"))
+        elif name == "weight_decay":
+            rows.append((suite, name, f"{value:g}"))
+        else:
+            rows.append((suite, name, f"{value:.4f}"))
+    return rows
+
+
+def _print_eval(outcome) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cfg = outcome.cfg
+    epoch = f", epoch {outcome.target.epoch + 1}" if outcome.target.epoch is not None else ""
+    console.print(f"pcl-ray eval of {outcome.target.label}: {cfg.method.name} on {cfg.data.name}{epoch}, "
+                  f"{cfg.eval.feature} features, scored on the test split")
+    table = Table()
+    table.add_column("suite")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for row in _format_metrics(outcome.metrics):
+        table.add_row(*row)
+    console.print(table)
+    if outcome.artifacts:
+        console.print(f"artifacts in {outcome.out_dir}: {', '.join(outcome.artifacts)}")
+    if outcome.mlflow_run_id:
+        console.print(f"logged to MLflow run {outcome.mlflow_run_id} ({outcome.tracking_uri})")
+    console.print(f"suites {', '.join(outcome.suites)} took {outcome.seconds:.1f}s")
+
+
+def cmd_eval(args) -> int:
+    from .eval_workflow import EvalTargetError, evaluate_target, resolve_target
+    from .evaluation.suite import parse_suites
+
+    try:
+        suites = parse_suites(args.suite) if args.suite is not None else None  # fail fast on a typo
+        target = resolve_target(args.run, args.overrides)
+    except (EvalTargetError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[pcl-ray] evaluating {target.checkpoint or target.label}"
+          + (f" (MLflow run {target.mlflow_run_id})" if target.mlflow_run_id else ""))
+    outcome = evaluate_target(target, overrides=args.overrides, suites=suites, out_dir=args.out,
+                              mlflow=not args.no_mlflow)
+    _print_eval(outcome)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    if not argv or argv[0] not in ("train", "-h", "--help"):
+    if not argv or argv[0] not in (*VERBS, "-h", "--help"):
         argv = ["train", *argv]  # `python run.py` and `python run.py PIPELINE` mean train
     args = parser.parse_args(argv)
     try:
         if args.verb == "train":
             return cmd_train(args)
+        if args.verb == "eval":
+            return cmd_eval(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,21 +1,46 @@
-"""Evaluation of frozen representations: kNN, clustering metrics, features, plots.
+"""Evaluation of frozen representations: kNN, linear probe, low-shot SVM, fine-tuning,
+clustering metrics, embedding pictures, exports, and the suite that runs them all.
 
-Pure numpy / torch / faiss / scikit-learn; nothing here knows Ray or MLflow.
+Pure numpy / torch / faiss / scikit-learn / pyarrow; nothing here knows Ray or MLflow
+(``python run.py eval`` in :mod:`pcl_ray.cli` logs the suite's results).
 """
 
 from pcl_ray.evaluation.clustering import cluster_metrics, hungarian_accuracy, kmeans_assign
+from pcl_ray.evaluation.embedding_plot import plot_embedding, tsne_2d
+from pcl_ray.evaluation.export import backbone_state_dict, export_backbone, export_embeddings, read_embeddings
 from pcl_ray.evaluation.features import embed, raw_pixel_features
+from pcl_ray.evaluation.finetune import FinetuneResult, balanced_subset, finetune_backbone
 from pcl_ray.evaluation.knn import knn_accuracy, knn_predict
+from pcl_ray.evaluation.linear_probe import LinearProbeResult, fit_linear_probe
+from pcl_ray.evaluation.lowshot import LowShotResult, lowshot_svm
 from pcl_ray.evaluation.plots import plot_metric_curves, plot_prototype_stats
+from pcl_ray.evaluation.suite import DEFAULT_SUITES, SUITES, parse_suites, run_suite
 
 __all__ = [
+    "DEFAULT_SUITES",
+    "FinetuneResult",
+    "LinearProbeResult",
+    "LowShotResult",
+    "SUITES",
+    "backbone_state_dict",
+    "balanced_subset",
     "cluster_metrics",
     "embed",
+    "export_backbone",
+    "export_embeddings",
+    "finetune_backbone",
     "hungarian_accuracy",
     "kmeans_assign",
     "knn_accuracy",
     "knn_predict",
+    "fit_linear_probe",
+    "lowshot_svm",
+    "parse_suites",
+    "plot_embedding",
     "plot_metric_curves",
     "plot_prototype_stats",
     "raw_pixel_features",
+    "read_embeddings",
+    "run_suite",
+    "tsne_2d",
 ]
