@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import EVAL_SUITES, ConfigError, load_config
+from .signals import sigterm_as_interrupt
 from .tracking import PROJECT_DIR
 
 DEFAULT_PIPELINE = PROJECT_DIR / "pipelines" / "fmnist_pcl.yaml"
@@ -19,7 +20,7 @@ EPILOG = """examples:
   python run.py train pipelines/fmnist_pcl.yaml --set train.epochs=3 --set estep.num_clusters=[10,50]
   python run.py train pipelines/fmnist_pcl.yaml --set ray.address=auto   # attach to a running Ray cluster
   python run.py train pipelines/fmnist_pcl.yaml --resume                 # continue the latest run
-  python run.py eval pcl-fashion-mnist-20261123-192110                   # evaluate a finished run
+  python run.py eval RUN_NAME_OR_MLFLOW_RUN_ID                          # evaluate a finished run
 """
 
 EVAL_DESCRIPTION = """\
@@ -61,7 +62,7 @@ EVAL_EPILOG = """examples:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run.py",
-        description="pcl-ray: Prototypical Contrastive Learning (and MoCo) as an EM workflow on Ray.",
+        description="pcl-ray: Prototypical Contrastive Learning and its family (MoCo v2, SimCLR, SwAV, DeepCluster-v2, SPCL) as an EM workflow on Ray.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
@@ -205,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in (*VERBS, "-h", "--help"):
         argv = ["train", *argv]  # `python run.py` and `python run.py PIPELINE` mean train
     args = parser.parse_args(argv)
+    sigterm_as_interrupt()
     try:
         if args.verb == "train":
             return cmd_train(args)
         if args.verb == "eval":
             return cmd_eval(args)
+    except KeyboardInterrupt:
+        print("interrupted (the MLflow run is marked KILLED; checkpoints are kept)", file=sys.stderr)
+        return 130
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

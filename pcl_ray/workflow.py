@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, ExperimentConfig, dump_config
+from .signals import sigterm_as_interrupt
 from .tracking import PROJECT_DIR, RunLogger, resolve_uri
 
 
@@ -95,6 +96,7 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
             cfg_file.write_text(dump_config(cfg))
             logger.log_artifact(cfg_file)
         init_ray(cfg)
+        sigterm_as_interrupt()  # ray.init replaced the handler with a plain exit
         logger.log_params(METHODS[cfg.method.name].run_params(cfg))
         outcome = fit(cfg, run_name, root, num_samples, logger.spec(), labels=train_labels, callbacks=callbacks,
                       init_checkpoint=init_checkpoint)
