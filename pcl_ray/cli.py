@@ -12,7 +12,7 @@ from .signals import sigterm_as_interrupt
 from .tracking import PROJECT_DIR
 
 DEFAULT_PIPELINE = PROJECT_DIR / "pipelines" / "fmnist_pcl.yaml"
-VERBS = ("train", "eval")
+VERBS = ("train", "eval", "compare")
 
 EPILOG = """examples:
   python run.py                                   # PCL on Fashion-MNIST, local Ray, then evaluation
@@ -83,6 +83,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume a run from its latest checkpoint (default: the most recent run)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
+    c = sub.add_parser(
+        "compare",
+        help="train several methods under identical conditions, evaluate alike, write a table and a plot",
+        description="Train every entry of a compare pipeline's `compare:` section once per seed (same data, "
+                    "backbone, budget, batch size, evaluation: checked before anything runs), evaluate each on "
+                    "the test split, and write comparison.md + comparison.png (MLflow: one parent run, one "
+                    "child run per training run).",
+    )
+    c.add_argument("pipeline", help="compare pipeline YAML, e.g. pipelines/compare_fmnist_quick.yaml")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every entry (e.g. --set train.epochs=2)")
+    c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="S[,S...]",
+                   help="seeds to run instead of the pipeline's `compare.seeds`")
     e = sub.add_parser(
         "eval",
         help="evaluate a trained run or checkpoint (kNN, linear probe, low-shot SVM, clustering, ...)",
@@ -140,6 +153,15 @@ def cmd_train(args) -> int:
                 raise ConfigError(f"--resume: no earlier run under {storage_root(cfg)}")
     outcome = train(cfg, run_name=run_name)
     _print_results(outcome)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+
+    md, out_dir = run_compare(args.pipeline, args.overrides, seeds=args.seeds)
+    print(md)
+    print(f"written: {out_dir / 'comparison.md'}, {out_dir / 'comparison.png'}")
     return 0
 
 
@@ -212,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.verb == "eval":
             return cmd_eval(args)
+        if args.verb == "compare":
+            return cmd_compare(args)
     except KeyboardInterrupt:
         print("interrupted (the MLflow run is marked KILLED; checkpoints are kept)", file=sys.stderr)
         return 130

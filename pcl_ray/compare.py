@@ -1,0 +1,183 @@
+"""The `compare` verb: several methods trained under identical conditions, evaluated alike, tabulated.
+
+A compare pipeline is a YAML file with one `compare:` section::
+
+    compare:
+      name: fmnist-quick                  # sweep name (runs/<name>/, MLflow parent run)
+      seeds: [0, 1, 2]                    # every entry is trained once per seed
+      set: [train.epochs=8]               # overrides applied to every entry (the shared budget)
+      entries:
+        - {label: pcl, pipeline: pipelines/fmnist_pcl.yaml}
+        - {label: moco, pipeline: pipelines/fmnist_pcl.yaml, set: [method.name=moco]}
+
+Before anything trains, every entry's resolved config is checked to share the data, backbone,
+epochs, batch size and evaluation settings (``SHARED_KEYS``); a difference is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import ConfigError, ExperimentConfig, load_config, load_yaml
+from .tracking import PROJECT_DIR, RunLogger, resolve_uri
+
+SHARED_KEYS = ("data.", "model.backbone", "model.width", "model.feature_dim", "train.epochs",
+               "train.batch_size", "ray.num_workers", "eval.")
+COLUMNS = (("knn_acc", "kNN acc"), ("ami", "AMI"), ("nmi", "NMI"), ("acc", "cluster acc"))
+
+
+class Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str = Field(min_length=1)
+    pipeline: str
+    set: list[str] = Field(default_factory=list)
+
+
+class CompareConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("compare", min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    set: list[str] = Field(default_factory=list)
+    entries: list[Entry] = Field(min_length=2)
+
+
+def load_compare(path: str | Path, overrides: list[str], seeds: list[int] | None = None
+                 ) -> tuple[CompareConfig, dict[tuple[str, int], ExperimentConfig]]:
+    """Parse the `compare:` section and resolve one config per (entry, seed); check identical conditions."""
+    raw = load_yaml(path).get("compare")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a compare pipeline needs a `compare:` section (name, seeds, set, entries)")
+    try:
+        spec = CompareConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"compare.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"invalid compare section ({path}):\n  " + "\n  ".join(lines)) from None
+    if seeds:
+        spec = spec.model_copy(update={"seeds": list(seeds)})
+    labels = [e.label for e in spec.entries]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"compare.entries: labels must be unique, got {labels}")
+    base = Path(path).resolve().parent
+    configs: dict[tuple[str, int], ExperimentConfig] = {}
+    for entry in spec.entries:
+        pipe = Path(entry.pipeline)
+        if not pipe.is_absolute():
+            pipe = pipe if pipe.exists() else (base / pipe if (base / pipe).exists() else PROJECT_DIR / pipe)
+        for seed in spec.seeds:
+            configs[(entry.label, seed)] = load_config(pipe, [*spec.set, *entry.set, *overrides, f"train.seed={seed}"])
+    _check_identical(configs)
+    return spec, configs
+
+
+def _check_identical(configs: dict[tuple[str, int], ExperimentConfig]) -> None:
+    (ref_key, ref), *rest = configs.items()
+    ref_flat = ref.flat()
+    for key, cfg in rest:
+        flat = cfg.flat()
+        for name, value in flat.items():
+            if name.startswith(SHARED_KEYS) and ref_flat.get(name) != value:
+                raise ConfigError(f"compare: {name} differs between {ref_key[0]} ({ref_flat.get(name)!r}) and "
+                                  f"{key[0]} ({value!r}); compared methods must share data, backbone, budget "
+                                  f"and evaluation")
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def summarize(results: dict[tuple[str, int], dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    """Rows (label, representation, metric → list over seeds), with one raw-pixel row."""
+    rows: dict[tuple[str, str], dict[str, list[float]]] = {}
+    baseline_seeds: set[int] = set()
+    for (label, seed), ev in results.items():
+        for rep, metrics in ev.items():
+            if rep == "raw_pixels":  # identical in every run of a seed: count it once per seed
+                if seed in baseline_seeds:
+                    continue
+                baseline_seeds.add(seed)
+                key = ("raw pixels", "pixels")
+            else:
+                key = (label, rep.rsplit("_", 1)[-1])
+            bucket = rows.setdefault(key, {})
+            for m, _ in COLUMNS:
+                bucket.setdefault(m, []).append(float(metrics[m]))
+    return [{"label": k[0], "features": k[1], **v} for k, v in rows.items()]
+
+
+def markdown_table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
+    head = "| method | features | " + " | ".join(title for _, title in COLUMNS) + " |"
+    sep = "|---|---|" + "---:|" * len(COLUMNS)
+    body = [f"| {r['label']} | {r['features']} | " + " | ".join(_mean_std(r[m]) for m, _ in COLUMNS) + " |"
+            for r in rows]
+    note = f"\nTest split; mean ± std over seeds {seeds}." if len(seeds) > 1 else f"\nTest split; seed {seeds[0]}."
+    return "\n".join([head, sep, *body]) + "\n" + note + "\n"
+
+
+def plot_comparison(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Grouped bars (kNN acc and AMI of backbone features, with std error bars) per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    chosen = [r for r in rows if r["features"] in ("backbone", "pixels")]
+    fig = Figure(figsize=(1.2 + 1.1 * len(chosen), 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.38
+    for j, (metric, title) in enumerate((("knn_acc", "kNN acc"), ("ami", "AMI"))):
+        means = [statistics.mean(r[metric]) for r in chosen]
+        stds = [statistics.stdev(r[metric]) if len(r[metric]) > 1 else 0.0 for r in chosen]
+        ax.bar([i + (j - 0.5) * width for i in range(len(chosen))], means, width, yerr=stds, label=title, capsize=3)
+    ax.set_xticks(range(len(chosen)), [r["label"] for r in chosen], rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test split (backbone features)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def run_compare(path: str | Path, overrides: list[str], seeds: list[int] | None = None,
+                log=print) -> tuple[str, Path]:
+    """Train every (entry, seed), evaluate, write ``comparison.md`` + ``comparison.png``; return (markdown, dir)."""
+    from .workflow import storage_root, train
+
+    spec, configs = load_compare(path, overrides, seeds)
+    first = next(iter(configs.values()))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = storage_root(first) / f"{spec.name}-{stamp}"
+    parent = RunLogger.start(resolve_uri(first.tracking.uri), first.tracking.experiment, f"{spec.name}-{stamp}",
+                             tags={"pcl_ray.kind": "compare"})
+    parent.log_params({"compare.entries": [e.label for e in spec.entries], "compare.seeds": spec.seeds,
+                       "compare.set": spec.set})
+    status = "FAILED"
+    try:
+        results: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
+        for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
+            log(f"[pcl-ray] compare {i}/{len(configs)}: {label} seed {seed}")
+            outcome = train(cfg, run_name=f"{spec.name}-{stamp}-{label}-s{seed}", parent_run_id=parent.run_id,
+                            log=log, tags={"pcl_ray.compare_label": label})
+            results[(label, seed)] = outcome.eval
+        rows = summarize(results)
+        md = markdown_table(rows, spec.seeds)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "comparison.md").write_text(md)
+        plot_comparison(rows, out_dir / "comparison.png")
+        for f in ("comparison.md", "comparison.png"):
+            parent.log_artifact(out_dir / f)
+        for r in rows:
+            for m, _ in COLUMNS:
+                parent.log_metrics({f"{r['label']}/{r['features']}/{m}": statistics.mean(r[m])})
+        status = "FINISHED"
+        return md, out_dir
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        parent.end(status)

@@ -1,0 +1,94 @@
+"""The compare verb: identical-conditions check, summary table, and a real 2-method run on digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pcl_ray.compare import load_compare, markdown_table, plot_comparison, summarize
+from pcl_ray.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = str(ROOT / "pipelines" / "digits_tiny.yaml")
+
+
+def _write(tmp_path, body: str) -> Path:
+    p = tmp_path / "cmp.yaml"
+    p.write_text(body)
+    return p
+
+
+def test_shipped_compare_pipelines_resolve_with_identical_conditions():
+    for name in ("compare_fmnist.yaml", "compare_fmnist_quick.yaml"):
+        spec, configs = load_compare(ROOT / "pipelines" / name, [])
+        methods = {c.method.name for c in configs.values()}
+        assert methods == {"pcl", "moco", "simclr", "swav", "deepcluster", "spcl"}
+        assert len(configs) == len(spec.entries) * len(spec.seeds)
+        assert {c.train.seed for c in configs.values()} == set(spec.seeds)
+
+
+def test_differing_budget_is_rejected_naming_the_key(tmp_path):
+    p = _write(tmp_path, f"""compare:
+  entries:
+    - {{label: a, pipeline: {DIGITS}}}
+    - {{label: b, pipeline: {DIGITS}, set: [train.epochs=5]}}
+""")
+    with pytest.raises(ConfigError, match="train.epochs differs between a"):
+        load_compare(p, [])
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("compare: {entries: [{label: a, pipeline: x.yaml}]}", "compare.entries"),
+    ("compare: {entries: [{label: a, pipeline: P}, {label: a, pipeline: P}]}", "labels must be unique"),
+    ("compare: {seedz: [1], entries: []}", "compare.seedz"),
+    ("train: {epochs: 1}", "needs a `compare:` section"),
+])
+def test_bad_compare_sections(tmp_path, body, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_compare(_write(tmp_path, body.replace("P", DIGITS)), [])
+
+
+def test_summary_counts_the_pixel_baseline_once_per_seed(tmp_path):
+    def ev(v):
+        row = {"knn_acc": v, "ami": v / 2, "nmi": v / 2, "acc": v}
+        return {"m_backbone": row, "m_head": row, "raw_pixels": {"knn_acc": 0.5, "ami": 0.1, "nmi": 0.1, "acc": 0.3}}
+
+    results = {("a", 0): ev(0.8), ("a", 1): ev(0.6), ("b", 0): ev(0.7), ("b", 1): ev(0.7)}
+    rows = {(r["label"], r["features"]): r for r in summarize(results)}
+    assert rows[("a", "backbone")]["knn_acc"] == [0.8, 0.6]
+    assert rows[("raw pixels", "pixels")]["knn_acc"] == [0.5, 0.5]
+    md = markdown_table(list(rows.values()), [0, 1])
+    assert "| a | backbone | 0.7000 ± 0.1414 |" in md
+    png = plot_comparison(list(rows.values()), tmp_path / "c.png")
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.ray
+def test_compare_two_methods_on_digits(ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pcl_ray.compare import run_compare
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    p = _write(tmp_path, f"""compare:
+  name: cmp-test
+  seeds: [0]
+  set: [train.epochs=1, train.warmup_epochs=0, eval.kmeans_restarts=1, tracking.experiment=cmp,
+        "tracking.uri={uri}", "ray.storage_path={tmp_path / 'runs'}"]
+  entries:
+    - {{label: moco, pipeline: {DIGITS}, set: [method.name=moco]}}
+    - {{label: simclr, pipeline: {DIGITS}, set: [method.name=simclr]}}
+""")
+    md, out_dir = run_compare(p, [])
+    assert "| moco | backbone |" in md and "| simclr | head |" in md and "| raw pixels | pixels |" in md
+    assert (out_dir / "comparison.md").read_text() == md
+    assert (out_dir / "comparison.png").stat().st_size > 1000
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cmp")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pcl_ray.kind") == "compare"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["pcl_ray.compare_label"] for r in children) == ["moco", "simclr"]
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {"comparison.md", "comparison.png"}
