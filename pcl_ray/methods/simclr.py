@@ -33,6 +33,19 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_nn.all_gather(t))
 
 
+def global_nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float):
+    """NT-Xent with negatives from the whole global batch (2N - 2 per row) when several workers train.
+
+    The gathered copies carry gradients back to the rank that produced them, so with DDP's gradient
+    averaging every worker's update is the gradient of the global-batch loss.
+    """
+    rank, ws = world()
+    if ws == 1:
+        return nt_xent(z_a, z_b, temperature)
+    return nt_xent(z_a, z_b, temperature, z_a_all=gather_with_grad(z_a), z_b_all=gather_with_grad(z_b),
+                   rank_offset=rank * z_a.shape[0])
+
+
 class SimCLR(Method):
     name = "simclr"
     needs_estep = False
@@ -45,13 +58,5 @@ class SimCLR(Method):
 
     def training_loss(self, online, views, index, prototypes=None, generator=None, epoch=0):
         z_a, z_b = online(views[0], views[1])
-        rank, ws = world()
-        if ws > 1:
-            # Negatives from the whole global batch (2N - 2 per row). The gathered copies carry
-            # gradients back to the rank that produced them, so with DDP's gradient averaging
-            # every worker's update is the gradient of the global-batch loss.
-            loss, logits, targets = nt_xent(z_a, z_b, self.temperature, z_a_all=gather_with_grad(z_a),
-                                            z_b_all=gather_with_grad(z_b), rank_offset=rank * z_a.shape[0])
-        else:
-            loss, logits, targets = nt_xent(z_a, z_b, self.temperature)
+        loss, logits, targets = global_nt_xent(z_a, z_b, self.temperature)
         return loss, {"loss/nt_xent": float(loss.detach()), "acc/instance": accuracy(logits, targets)}

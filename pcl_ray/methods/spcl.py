@@ -28,14 +28,13 @@ re-initialization (and no stale optimizer momentum for re-initialized weights) a
 from __future__ import annotations
 
 import torch
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import accuracy, balanced_pairs, nt_xent, pair_bce, prototype_ce, symmetric_ce
+from ..losses import accuracy, balanced_pairs, pair_bce, prototype_ce, symmetric_ce
 from ..models import Encoder, build_encoder
-from ..models.collectives import world
 from .base import Method
+from .simclr import global_nt_xent
 
 
 class SPCLNet(nn.Module):
@@ -57,11 +56,6 @@ class SPCLNet(nn.Module):
         b = x.shape[0] // 2
         pair_logits = self.metric_head((h[first] - h[b + second]).abs()).squeeze(1)
         return z, pair_logits
-
-
-def _gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """All ranks' ``t`` concatenated along dim 0; the gradient flows back to the rank that made each row."""
-    return torch.cat(dist_nn.all_gather(t))
 
 
 class SPCL(Method):
@@ -88,12 +82,7 @@ class SPCL(Method):
 
         z, pair_logits = online(torch.cat(views[:2]), first, second)
         z_a, z_b = z[:b], z[b:]
-        rank, ws = world()
-        if ws > 1:  # negatives from the global batch; with DDP's averaging this is the global-batch gradient
-            ntx, logits, targets = nt_xent(z_a, z_b, cfg.ntxent_temperature, z_a_all=_gather_with_grad(z_a),
-                                           z_b_all=_gather_with_grad(z_b), rank_offset=rank * b)
-        else:
-            ntx, logits, targets = nt_xent(z_a, z_b, cfg.ntxent_temperature)
+        ntx, logits, targets = global_nt_xent(z_a, z_b, cfg.ntxent_temperature)
         metrics = {"loss/nt_xent": float(ntx.detach()), "acc/instance": accuracy(logits.detach(), targets)}
         metric = pair_bce(pair_logits, same)  # an exact 0 (still in the graph) when there are no pairs
         loss = cfg.weight_ntxent * ntx + cfg.weight_metric * metric
