@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
@@ -30,7 +32,9 @@ class SimCLRNet(nn.Module):
 
 def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     """All ranks' ``t`` concatenated along dim 0; gradients flow back to each rank's own rows."""
-    return torch.cat(dist_nn.all_gather(t))
+    with warnings.catch_warnings():  # torch 2.14 deprecates it for a private replacement; keep the public API
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather is deprecated")
+        return torch.cat(dist_nn.all_gather(t))
 
 
 def global_nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float):
