@@ -12,7 +12,7 @@ from .signals import sigterm_as_interrupt
 from .tracking import PROJECT_DIR
 
 DEFAULT_PIPELINE = PROJECT_DIR / "pipelines" / "fmnist_pcl.yaml"
-VERBS = ("train", "eval", "compare")
+VERBS = ("train", "eval", "compare", "tune")
 
 EPILOG = """examples:
   python run.py                                   # PCL on Fashion-MNIST, local Ray, then evaluation
@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume a run from its latest checkpoint (default: the most recent run)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
+    from .tune import add_tune_parser
+
+    add_tune_parser(sub)
     c = sub.add_parser(
         "compare",
         help="train several methods under identical conditions, evaluate alike, write a table and a plot",
@@ -236,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.verb == "compare":
             return cmd_compare(args)
+        if args.verb == "tune":
+            from .tune import cmd_tune
+
+            return cmd_tune(args)
     except KeyboardInterrupt:
         print("interrupted (the MLflow run is marked KILLED; checkpoints are kept)", file=sys.stderr)
         return 130

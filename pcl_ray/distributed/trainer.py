@@ -18,8 +18,15 @@ from .worker import STATE_FILE, train_loop
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
 
 
-def init_ray(cfg: ExperimentConfig) -> None:
-    """Attach to ``ray.address`` or start a local Ray bound to 127.0.0.1 (no dashboard)."""
+def init_ray(cfg: ExperimentConfig, resources: dict[str, float] | None = None, pin_address: bool = False) -> None:
+    """Attach to ``ray.address`` or start a local Ray (dashboard on 127.0.0.1).
+
+    ``resources``: custom resources of the local node (the tune verb declares its ``train_driver_slot``s).
+    ``pin_address``: start the local GCS on a chosen port and export it as ``RAY_ADDRESS`` to every Ray
+    process. Ray Train's placement-group cleaner finds the State API by address auto-detection, which
+    fails ("Found multiple active Ray instances") when another Ray runs on the same machine; the group
+    of a stopped trial then leaks and the next trial waits for CPUs forever. Sweeps stop trials on purpose.
+    """
     if ray.is_initialized():
         return
     for k, v in QUIET_ENV.items():
@@ -33,6 +40,17 @@ def init_ray(cfg: ExperimentConfig) -> None:
     kwargs: dict[str, Any] = {"num_cpus": os.cpu_count(), "include_dashboard": True, "dashboard_host": "127.0.0.1"}
     if cfg.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
+    if resources:
+        kwargs["resources"] = dict(resources)
+    if pin_address:
+        import socket
+
+        with socket.socket() as sock:  # a free port for the GCS; raylet and workers inherit this env
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        kwargs["address"] = "local"  # start a new instance (RAY_ADDRESS would otherwise mean: connect)
     ray.init(**kwargs)
 
 
@@ -65,11 +83,13 @@ class FitOutcome:
 
 
 def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: int,
-        mlflow_spec: dict[str, str] | None, labels=None, callbacks: list | None = None) -> FitOutcome:
+        mlflow_spec: dict[str, str] | None, labels=None, callbacks: list | None = None,
+        init_checkpoint: str | None = None) -> FitOutcome:
     """Run the EM training loop on Ray Train. Same ``(storage_path, run_name)`` resumes from the latest checkpoint.
 
     ``callbacks`` go to the trainer's RunConfig (a Tune trial passes ``TuneReportCallback()`` so that
-    every epoch's report reaches Tune).
+    every epoch's report reaches Tune). ``init_checkpoint``: a checkpoint directory (``state.pt``) to start
+    from when this run has none of its own yet (PBT: a trial continues from the trial it cloned).
     """
     gpu = use_gpu(cfg)
     actor = None
@@ -96,6 +116,7 @@ def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: i
             "run_name": run_name,
             "mlflow": mlflow_spec,
             "threads_per_worker": max(1, int(cfg.ray.cpus_per_worker)),
+            "init_checkpoint": init_checkpoint,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,

@@ -130,6 +130,8 @@ def train_loop(loop_config: dict) -> None:
 
     start_epoch, global_step = 0, 0
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and loop_config.get("init_checkpoint"):  # PBT: start from the cloned trial's state
+        ckpt = ray.train.Checkpoint(loop_config["init_checkpoint"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
