@@ -106,9 +106,10 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
                           if cfg.needs_estep else {})
         result = TrainOutcome(run_name, logger.run_id, logger.tracking_uri, outcome.state_path,
                               final_metrics=dict(outcome.result.metrics or {}))
-        _log_training_artifacts(cfg, logger, outcome, log)
-        if cfg.eval.enabled and outcome.state_path is not None:
-            state = torch.load(outcome.state_path, map_location="cpu", weights_only=True)
+        state = (torch.load(outcome.state_path, map_location="cpu", weights_only=True)
+                 if outcome.state_path is not None else None)
+        _log_training_artifacts(logger, outcome, state)
+        if cfg.eval.enabled and state is not None:
             torch.set_num_threads(os.cpu_count() or 1)
             result.eval = evaluate(cfg, state["method"], log=log)
             for row, values in result.eval.items():
@@ -123,14 +124,14 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
         logger.end(status)
 
 
-def _log_training_artifacts(cfg: ExperimentConfig, logger: RunLogger, outcome, log) -> None:
+def _log_training_artifacts(logger: RunLogger, outcome, state: dict | None) -> None:
+    """Backbone weights from the final checkpoint ``state`` and the last E-step's prototype plot."""
     import ray
 
     from .evaluation.plots import plot_prototype_stats
 
     with tempfile.TemporaryDirectory() as tmp:
-        if outcome.state_path is not None:
-            state = torch.load(outcome.state_path, map_location="cpu", weights_only=True)
+        if state is not None:
             backbone = {k[len("encoder.backbone."):]: v for k, v in state["method"].items()
                         if k.startswith("encoder.backbone.")}
             weights = Path(tmp) / "backbone.pt"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .features import embed
 from .knn import knn_accuracy
 
 
@@ -37,13 +38,12 @@ class OnlineKNN:
         was_training = encoder.training
         encoder.eval()
 
-        def embed(idx: np.ndarray) -> torch.Tensor:
-            out = [encoder.features(views.eval(x.to(device))).float().cpu()
-                   for x, _ in iterate_batches(self.ds, idx, batch_size, shuffle=False, seed=0, drop_last=False)]
-            return torch.cat(out)
+        def features(idx: np.ndarray) -> np.ndarray:
+            batches = (x for x, _ in iterate_batches(self.ds, idx, batch_size, shuffle=False, seed=0, drop_last=False))
+            return embed(lambda x: encoder.features(views.eval(x.to(device))), batches)
 
         try:
-            return knn_accuracy(embed(self.bank_idx), self.bank_labels, embed(self.query_idx), self.query_labels,
+            return knn_accuracy(features(self.bank_idx), self.bank_labels, features(self.query_idx), self.query_labels,
                                 k=self.k, temperature=self.temperature, num_classes=self.num_classes)
         finally:
             encoder.train(was_training)
