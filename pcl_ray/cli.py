@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override applied to every entry (e.g. --set train.epochs=2)")
     c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="S[,S...]",
                    help="seeds to run instead of the pipeline's `compare.seeds`")
+    c.add_argument("--resume", default=None, metavar="NAME",
+                   help="continue an interrupted comparison (the NAME it printed, a folder under runs/): finished "
+                        "runs are read back, an interrupted one continues from its checkpoint")
     e = sub.add_parser(
         "eval",
         help="evaluate a trained run or checkpoint (kNN, linear probe, low-shot SVM, clustering, ...)",
@@ -125,10 +128,13 @@ def _print_results(outcome) -> None:
     console = Console()
     table = Table(title=f"pcl-ray results: {outcome.run_name} (test split)")
     table.add_column("representation")
-    for col in ("kNN acc", "AMI", "NMI", "ARI", "cluster acc"):
-        table.add_column(col, justify="right")
+    cols = [("knn_acc", "kNN acc"), ("ami", "AMI"), ("nmi", "NMI"), ("ari", "ARI"), ("acc", "cluster acc")]
+    shots = sorted({int(k[5:]) for v in outcome.eval.values() for k in v if k.startswith("svm_k")})
+    cols += [(f"svm_k{s}", f"{s}-shot SVM") for s in shots if s in (shots[0], shots[-1])]
+    for _, title in cols:
+        table.add_column(title, justify="right")
     for row, v in outcome.eval.items():
-        table.add_row(row, *(f"{v[k]:.4f}" for k in ("knn_acc", "ami", "nmi", "ari", "acc")))
+        table.add_row(row, *(f"{v[k]:.4f}" if k in v else "–" for k, _ in cols))
     if outcome.eval:
         console.print(table)
     m = outcome.final_metrics
@@ -162,9 +168,10 @@ def cmd_train(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import run_compare
 
-    md, out_dir = run_compare(args.pipeline, args.overrides, seeds=args.seeds)
+    md, out_dir = run_compare(args.pipeline, args.overrides, seeds=args.seeds, resume=args.resume)
     print(md)
-    print(f"written: {out_dir / 'comparison.md'}, {out_dir / 'comparison.png'}")
+    written = [out_dir / f for f in ("comparison.md", "comparison.png", "embeddings.png") if (out_dir / f).exists()]
+    print("written: " + ", ".join(map(str, written)))
     return 0
 
 

@@ -16,11 +16,13 @@ epochs, batch size and evaluation settings (``SHARED_KEYS``); a difference is an
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ConfigError, ExperimentConfig, load_config, load_yaml
@@ -28,7 +30,8 @@ from .tracking import PROJECT_DIR, RunLogger, resolve_uri
 
 SHARED_KEYS = ("data.", "model.backbone", "model.width", "model.feature_dim", "train.epochs",
                "train.batch_size", "ray.num_workers", "eval.")
-COLUMNS = (("knn_acc", "kNN acc"), ("ami", "AMI"), ("nmi", "NMI"), ("acc", "cluster acc"))
+COLUMNS = (("knn_acc", "kNN acc"), ("ami", "AMI"), ("nmi", "NMI"), ("acc", "cluster acc"),
+           ("svm_k1", "1-shot SVM"), ("svm_k16", "16-shot SVM"))
 
 
 class Entry(BaseModel):
@@ -87,6 +90,8 @@ def _check_identical(configs: dict[tuple[str, int], ExperimentConfig]) -> None:
 
 
 def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
@@ -107,14 +112,15 @@ def summarize(results: dict[tuple[str, int], dict[str, dict[str, float]]]) -> li
                 key = (label, rep.rsplit("_", 1)[-1])
             bucket = rows.setdefault(key, {})
             for m, _ in COLUMNS:
-                bucket.setdefault(m, []).append(float(metrics[m]))
+                if m in metrics:
+                    bucket.setdefault(m, []).append(float(metrics[m]))
     return [{"label": k[0], "features": k[1], **v} for k, v in rows.items()]
 
 
 def markdown_table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     head = "| method | features | " + " | ".join(title for _, title in COLUMNS) + " |"
     sep = "|---|---|" + "---:|" * len(COLUMNS)
-    body = [f"| {r['label']} | {r['features']} | " + " | ".join(_mean_std(r[m]) for m, _ in COLUMNS) + " |"
+    body = [f"| {r['label']} | {r['features']} | " + " | ".join(_mean_std(r.get(m, [])) for m, _ in COLUMNS) + " |"
             for r in rows]
     note = f"\nTest split; mean ± std over seeds {seeds}." if len(seeds) > 1 else f"\nTest split; seed {seeds[0]}."
     return "\n".join([head, sep, *body]) + "\n" + note + "\n"
@@ -143,41 +149,132 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+class EmbeddingPanels:
+    """Test-split features of each compared method (first seed), drawn as one t-SNE grid at the end."""
+
+    def __init__(self) -> None:
+        self.panels: list[tuple[str, np.ndarray]] = []
+        self.labels: np.ndarray | None = None
+        self.class_names: list[str] | None = None
+        self.what = "backbone"
+
+    def add(self, label: str, cfg: ExperimentConfig, state_path: str | Path) -> None:
+        import torch
+
+        from .data import ViewMaker, load_split
+        from .evaluation.features import raw_pixel_features
+        from .evaluation.report import _all_images, embed_split, load_encoder
+
+        test = load_split(cfg.data, "test")
+        size = cfg.data.image_size or test.image_size
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        enc = load_encoder(cfg, state["method"], test.channels)
+        views = ViewMaker(cfg.data.views.recipe, size, test.channels, test.mean, test.std)
+        self.what = cfg.eval.feature
+        if self.labels is None:
+            self.labels, self.class_names = test.labels, list(test.classes or []) or None
+            self.panels.append(("raw pixels", raw_pixel_features(_all_images(test, size))))
+        self.panels.append((label, embed_split(enc, test, views)[cfg.eval.feature]))
+
+    def plot(self, path: Path, seed: int) -> Path:
+        from .evaluation.embedding_plot import plot_embedding_grid
+
+        assert self.labels is not None
+        return plot_embedding_grid(self.panels, self.labels, path, seed=seed, class_names=self.class_names,
+                                   title=f"t-SNE of the test split ({self.what} features, seed {seed})")
+
+
+def _open_parent(spec: CompareConfig, first: ExperimentConfig, resume: str | None, log) -> tuple[RunLogger, Path]:
+    """The comparison's folder and MLflow parent run: new, or reopened for ``resume`` (a folder name)."""
+    from .workflow import storage_root
+
+    root = storage_root(first)
+    uri = resolve_uri(first.tracking.uri)
+    if resume is None:
+        name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out_dir = root / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        parent = RunLogger.start(uri, first.tracking.experiment, name, tags={"pcl_ray.kind": "compare"})
+        parent.log_params({"compare.entries": [e.label for e in spec.entries], "compare.seeds": spec.seeds,
+                           "compare.set": spec.set})
+        (out_dir / "compare.json").write_text(json.dumps({
+            "mlflow_run_id": parent.run_id, "tracking_uri": uri,
+            "entries": [e.label for e in spec.entries], "seeds": spec.seeds}))
+        return parent, out_dir
+    out_dir = root / resume
+    meta_file = out_dir / "compare.json"
+    if not meta_file.exists():
+        raise ConfigError(f"--resume {resume}: no comparison of that name under {root} "
+                          f"(expected {meta_file})")
+    meta = json.loads(meta_file.read_text())
+    if meta["entries"] != [e.label for e in spec.entries] or meta["seeds"] != spec.seeds:
+        raise ConfigError(f"--resume {resume}: that comparison ran entries {meta['entries']} and seeds "
+                          f"{meta['seeds']}; this pipeline has {[e.label for e in spec.entries]} and {spec.seeds}")
+    if meta["tracking_uri"] != uri:
+        raise ConfigError(f"--resume {resume}: its MLflow store is {meta['tracking_uri']}, not {uri}")
+    parent = RunLogger(uri, meta["mlflow_run_id"])
+    parent.client.update_run(parent.run_id, status="RUNNING")
+    log(f"[pcl-ray] compare: resuming {resume}")
+    return parent, out_dir
+
+
 def run_compare(path: str | Path, overrides: list[str], seeds: list[int] | None = None,
-                log=print) -> tuple[str, Path]:
-    """Train every (entry, seed), evaluate, write ``comparison.md`` + ``comparison.png``; return (markdown, dir)."""
-    from .workflow import storage_root, train
+                log=print, resume: str | None = None) -> tuple[str, Path]:
+    """Train every (entry, seed), evaluate, write ``comparison.md``, ``comparison.png`` and ``embeddings.png``
+    (t-SNE of every method's test features at the first seed, beside raw pixels); return (markdown, dir).
+
+    Each finished training run's results are kept in ``<dir>/results/``; with ``resume`` (the folder name
+    printed when a comparison starts) finished runs are read back, an interrupted one continues from its
+    last checkpoint, and the rest train.
+    """
+    from .workflow import train
 
     spec, configs = load_compare(path, overrides, seeds)
-    first = next(iter(configs.values()))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = storage_root(first) / f"{spec.name}-{stamp}"
-    parent = RunLogger.start(resolve_uri(first.tracking.uri), first.tracking.experiment, f"{spec.name}-{stamp}",
-                             tags={"pcl_ray.kind": "compare"})
-    parent.log_params({"compare.entries": [e.label for e in spec.entries], "compare.seeds": spec.seeds,
-                       "compare.set": spec.set})
+    parent, out_dir = _open_parent(spec, next(iter(configs.values())), resume, log)
+    done_dir = out_dir / "results"
+    done_dir.mkdir(exist_ok=True)
+    log(f"[pcl-ray] compare {out_dir.name}: {len(spec.entries)} entries x {len(spec.seeds)} seeds "
+        f"(continue an interrupted one with --resume {out_dir.name})")
     status = "FAILED"
     try:
         results: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
+        pictures = EmbeddingPanels()
         for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
-            log(f"[pcl-ray] compare {i}/{len(configs)}: {label} seed {seed}")
-            outcome = train(cfg, run_name=f"{spec.name}-{stamp}-{label}-s{seed}", parent_run_id=parent.run_id,
-                            log=log, tags={"pcl_ray.compare_label": label})
-            results[(label, seed)] = outcome.eval
+            run_name = f"{out_dir.name}-{label}-s{seed}"
+            done = done_dir / f"{label}-s{seed}.json"
+            if done.exists():
+                saved = json.loads(done.read_text())
+                log(f"[pcl-ray] compare {i}/{len(configs)}: {label} seed {seed} finished earlier ({run_name})")
+            else:
+                log(f"[pcl-ray] compare {i}/{len(configs)}: {label} seed {seed}")
+                outcome = train(cfg, run_name=run_name, parent_run_id=parent.run_id, log=log,
+                                tags={"pcl_ray.compare_label": label})
+                saved = {"eval": outcome.eval, "state_path": str(outcome.state_path) if outcome.state_path else None}
+                tmp = done.with_suffix(".tmp")
+                tmp.write_text(json.dumps(saved))
+                tmp.replace(done)  # a result file is whole or absent
+            results[(label, seed)] = saved["eval"]
+            if seed == spec.seeds[0] and saved["state_path"] and cfg.eval.enabled:
+                pictures.add(label, cfg, saved["state_path"])
         rows = summarize(results)
         md = markdown_table(rows, spec.seeds)
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "comparison.md").write_text(md)
         plot_comparison(rows, out_dir / "comparison.png")
-        for f in ("comparison.md", "comparison.png"):
+        files = ["comparison.md", "comparison.png"]
+        if pictures.panels:
+            log(f"[pcl-ray] compare: t-SNE of {len(pictures.panels)} test embeddings (seed {spec.seeds[0]})")
+            pictures.plot(out_dir / "embeddings.png", seed=spec.seeds[0])
+            files.append("embeddings.png")
+        for f in files:
             parent.log_artifact(out_dir / f)
         for r in rows:
-            for m, _ in COLUMNS:
-                parent.log_metrics({f"{r['label']}/{r['features']}/{m}": statistics.mean(r[m])})
+            parent.log_metrics({f"{r['label']}/{r['features']}/{m}": statistics.mean(r[m])
+                                for m, _ in COLUMNS if r.get(m)})
         status = "FINISHED"
         return md, out_dir
     except KeyboardInterrupt:
         status = "KILLED"
+        log(f"[pcl-ray] compare interrupted: continue with `python run.py compare {path} --resume {out_dir.name}`")
         raise
     finally:
         parent.end(status)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pcl_ray.compare import load_compare, markdown_table, plot_comparison, summarize
@@ -62,6 +63,20 @@ def test_summary_counts_the_pixel_baseline_once_per_seed(tmp_path):
     assert "| a | backbone | 0.7000 ± 0.1414 |" in md
     png = plot_comparison(list(rows.values()), tmp_path / "c.png")
     assert png.stat().st_size > 1000
+    assert md.splitlines()[0].count("|") == 9  # a metric no run reported is shown as "–", never invented
+    assert "| – | – |" in md
+
+
+def test_embedding_grid_has_one_panel_per_representation(tmp_path):
+    from pcl_ray.evaluation.embedding_plot import plot_embedding_grid
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    panels = [(f"m{i}", rng.normal(size=(120, 8)) + labels[:, None] * i) for i in range(4)]
+    png = plot_embedding_grid(panels, labels, tmp_path / "e.png", max_points=90, class_names=["a", "b", "c"])
+    assert png.stat().st_size > 1000
+    with pytest.raises(ValueError, match="panel 'bad': 5 feature rows but 120 labels"):
+        plot_embedding_grid([("bad", np.zeros((5, 2)))], labels, tmp_path / "x.png")
 
 
 @pytest.mark.ray
@@ -84,6 +99,12 @@ def test_compare_two_methods_on_digits(ray_local, tmp_path):
     assert "| moco | backbone |" in md and "| simclr | head |" in md and "| raw pixels | pixels |" in md
     assert (out_dir / "comparison.md").read_text() == md
     assert (out_dir / "comparison.png").stat().st_size > 1000
+    assert (out_dir / "embeddings.png").stat().st_size > 1000
+    header = md.splitlines()[0]
+    assert "1-shot SVM" in header and "16-shot SVM" in header
+    moco_row = next(line for line in md.splitlines() if line.startswith("| moco | backbone |"))
+    one_shot = float(moco_row.split("|")[7])
+    assert 0.0 < one_shot <= 1.0
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cmp")
     runs = client.search_runs([exp.experiment_id])
@@ -91,4 +112,13 @@ def test_compare_two_methods_on_digits(ray_local, tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["pcl_ray.compare_label"] for r in children) == ["moco", "simclr"]
-    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {"comparison.md", "comparison.png"}
+    # resuming a finished comparison reads every result back and trains nothing
+    md2, out_dir2 = run_compare(p, [], resume=out_dir.name)
+    assert out_dir2 == out_dir and md2 == md
+    runs = client.search_runs([exp.experiment_id])
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]) == 2
+    assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
+    with pytest.raises(ConfigError, match="--resume cmp-test-0: no comparison of that name"):
+        run_compare(p, [], resume="cmp-test-0")
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {"comparison.md", "comparison.png",
+                                                                              "embeddings.png"}

@@ -21,7 +21,7 @@ from sklearn.manifold import TSNE
 
 from .plots import _save
 
-__all__ = ["plot_embedding", "tsne_2d"]
+__all__ = ["plot_embedding", "plot_embedding_grid", "tsne_2d"]
 
 PCA_DIM = 50
 
@@ -91,4 +91,54 @@ def plot_embedding(
     ax.set_title(f"{title} ({y.size} points)", fontsize=11)
     if classes.size <= 30:
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=3, fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
+def plot_embedding_grid(
+    panels: Sequence[tuple[str, np.ndarray]],
+    labels: np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    max_points: int = 2000,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    title: str = "t-SNE of the test features",
+) -> Path:
+    """One t-SNE panel per ``(title, feats)`` in a grid, all on the same seeded subsample of ``labels``.
+
+    Every ``feats`` holds one row per entry of ``labels`` (the same images in the same order), so the
+    panels differ only in the representation. Returns the path written.
+    """
+    y = np.asarray(labels).astype(np.int64).ravel()
+    if not panels:
+        raise ValueError("plot_embedding_grid needs at least one panel")
+    for name, feats in panels:
+        if np.asarray(feats).shape[0] != y.size:
+            raise ValueError(f"panel {name!r}: {np.asarray(feats).shape[0]} feature rows but {y.size} labels")
+    keep = (np.sort(np.random.default_rng(seed).choice(y.size, size=max_points, replace=False))
+            if y.size > max_points else np.arange(y.size))
+    y = y[keep]
+    classes = np.unique(y)
+    palette = colormaps["tab10" if classes.max() < 10 else "tab20"]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(3.6 * cols + 1.6, 3.5 * rows + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, (name, feats) in zip(axes, panels):
+        xy = tsne_2d(np.asarray(feats)[keep], seed=seed)
+        for c in classes:
+            sel = y == c
+            colour = "0.6" if c < 0 else palette(int(c) % palette.N)
+            label = ("unlabelled" if c < 0 else class_names[c] if class_names is not None and c < len(class_names)
+                     else str(c))
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=2, color=colour, label=label, alpha=0.8, linewidths=0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    if classes.size <= 30:
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside right center", markerscale=4, fontsize=8, frameon=False)
+    fig.suptitle(f"{title} ({y.size} points)", fontsize=11)
     return _save(fig, path)

@@ -13,6 +13,7 @@ from ..models import Encoder, build_encoder
 from .clustering import cluster_metrics
 from .features import raw_pixel_features
 from .knn import knn_accuracy
+from .lowshot import lowshot_svm
 
 
 def load_encoder(cfg: ExperimentConfig, method_state: dict[str, torch.Tensor], in_channels: int) -> Encoder:
@@ -38,11 +39,18 @@ def _row(train_x, train_y, test_x, test_y, cfg: ExperimentConfig, num_classes: i
                                    temperature=cfg.eval.knn_temperature, num_classes=num_classes)}
     cm = cluster_metrics(test_x, test_y, num_clusters=num_classes, restarts=cfg.eval.kmeans_restarts, seed=cfg.train.seed)
     row.update({k: float(v) for k, v in cm.items()})
+    e = cfg.eval
+    for r in lowshot_svm(train_x, train_y, test_x, test_y, shots=e.lowshot_shots, draws=e.lowshot_draws,
+                         costs=e.lowshot_costs, val_per_class=e.lowshot_val_per_class, seed=cfg.train.seed):
+        row[f"svm_k{r.shots}"] = r.mean
     return row
 
 
 def evaluate(cfg: ExperimentConfig, method_state: dict[str, torch.Tensor], log=print) -> dict[str, dict[str, Any]]:
-    """kNN accuracy (train split as the bank) and test-split k-means AMI/NMI/ARI/ACC.
+    """kNN accuracy (train split as the bank), test-split k-means AMI/NMI/ARI/ACC and low-shot SVM accuracy.
+
+    Low-shot: ``svm_k<k>`` is the mean test accuracy of a linear SVM trained on ``k`` labelled train images
+    per class over ``eval.lowshot_draws`` draws, its cost chosen on other train images (``eval.lowshot_*``).
 
     Rows: the learned representation (backbone and head features) and, when ``eval.baselines``,
     raw pixels. Labels are used here only.
