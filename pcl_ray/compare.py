@@ -74,6 +74,10 @@ def load_compare(path: str | Path, overrides: list[str], seeds: list[int] | None
         for seed in spec.seeds:
             configs[(entry.label, seed)] = load_config(pipe, [*spec.set, *entry.set, *overrides, f"train.seed={seed}"])
     _check_identical(configs)
+    # The raw-pixel baseline is the same in every run of a seed: only the first entry computes it.
+    for (label, seed), cfg in configs.items():
+        if label != spec.entries[0].label and cfg.eval.baselines:
+            configs[(label, seed)] = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"baselines": False})})
     return spec, configs
 
 

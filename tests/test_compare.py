@@ -27,6 +27,9 @@ def test_shipped_compare_pipelines_resolve_with_identical_conditions():
         assert methods == {"pcl", "moco", "simclr", "swav", "deepcluster", "spcl"}
         assert len(configs) == len(spec.entries) * len(spec.seeds)
         assert {c.train.seed for c in configs.values()} == set(spec.seeds)
+        # the raw-pixel baseline (identical for every entry of a seed) is computed by the first entry only
+        with_pixels = sorted(key for key, c in configs.items() if c.eval.baselines)
+        assert with_pixels == sorted((spec.entries[0].label, s) for s in spec.seeds)
 
 
 def test_differing_budget_is_rejected_naming_the_key(tmp_path):
