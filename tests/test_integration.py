@@ -65,6 +65,10 @@ def test_pcl_trains_evaluates_logs_and_resumes(ray_local, tmp_path):
     for row in out.eval.values():
         assert 0.0 <= row["ami"] <= 1.0 and 0.0 < row["knn_acc"] <= 1.0
     assert out.eval["raw_pixels"]["knn_acc"] > 0.9  # digits are easy in pixel space
+    # low-shot linear SVM, 1..16 labels per class: more labels help (pixels of digits, mean of 5 draws)
+    pix = out.eval["raw_pixels"]
+    assert {f"svm_k{k}" for k in (1, 2, 4, 8, 16)} <= set(pix)
+    assert 0.1 < pix["svm_k1"] < pix["svm_k16"] <= 1.0
     assert client.get_run(out.mlflow_run_id).data.metrics["eval/raw_pixels/knn_acc"] == pytest.approx(
         out.eval["raw_pixels"]["knn_acc"])
 
