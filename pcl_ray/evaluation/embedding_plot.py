@@ -41,6 +41,20 @@ def tsne_2d(feats: np.ndarray, *, seed: int = 0, perplexity: float = 30.0) -> np
     return tsne.fit_transform(x).astype(np.float32)
 
 
+def _scatter_by_class(ax, xy: np.ndarray, y: np.ndarray, class_names: Sequence[str] | None, size: float) -> None:
+    """Scatter ``xy`` on ``ax`` with one colour and legend label per class of ``y`` (``-1``: grey, unlabelled)."""
+    classes = np.unique(y)
+    palette = colormaps["tab10" if classes.max() < 10 else "tab20"]
+    for c in classes:
+        sel = y == c
+        if c < 0:
+            name, colour = "unlabelled", "0.6"
+        else:
+            name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
+            colour = palette(int(c) % palette.N)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=colour, label=name, alpha=0.8, linewidths=0)
+
+
 def plot_embedding(
     feats: np.ndarray,
     labels: np.ndarray,
@@ -75,17 +89,9 @@ def plot_embedding(
     xy = tsne_2d(x, seed=seed)
 
     classes = np.unique(y)
-    palette = colormaps["tab10" if classes.max() < 10 else "tab20"]
     fig = Figure(figsize=(8, 7), layout="constrained")
     ax = fig.subplots()
-    for c in classes:
-        sel = y == c
-        if c < 0:
-            name, colour = "unlabelled", "0.6"
-        else:
-            name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
-            colour = palette(int(c) % palette.N)
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=4, color=colour, label=name, alpha=0.8, linewidths=0)
+    _scatter_by_class(ax, xy, y, class_names, size=4)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"{title} ({y.size} points)", fontsize=11)
@@ -119,19 +125,12 @@ def plot_embedding_grid(
             if y.size > max_points else np.arange(y.size))
     y = y[keep]
     classes = np.unique(y)
-    palette = colormaps["tab10" if classes.max() < 10 else "tab20"]
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig = Figure(figsize=(3.6 * cols + 1.6, 3.5 * rows + 0.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax, (name, feats) in zip(axes, panels):
-        xy = tsne_2d(np.asarray(feats)[keep], seed=seed)
-        for c in classes:
-            sel = y == c
-            colour = "0.6" if c < 0 else palette(int(c) % palette.N)
-            label = ("unlabelled" if c < 0 else class_names[c] if class_names is not None and c < len(class_names)
-                     else str(c))
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=2, color=colour, label=label, alpha=0.8, linewidths=0)
+        _scatter_by_class(ax, tsne_2d(np.asarray(feats)[keep], seed=seed), y, class_names, size=2)
         ax.set_title(name, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
