@@ -130,7 +130,8 @@ def _print_results(outcome) -> None:
     table.add_column("representation")
     cols = [("knn_acc", "kNN acc"), ("ami", "AMI"), ("nmi", "NMI"), ("ari", "ARI"), ("acc", "cluster acc")]
     shots = sorted({int(k[5:]) for v in outcome.eval.values() for k in v if k.startswith("svm_k")})
-    cols += [(f"svm_k{s}", f"{s}-shot SVM") for s in shots if s in (shots[0], shots[-1])]
+    if shots:  # the fewest and the most labels per class
+        cols += [(f"svm_k{s}", f"{s}-shot SVM") for s in sorted({shots[0], shots[-1]})]
     for _, title in cols:
         table.add_column(title, justify="right")
     for row, v in outcome.eval.items():

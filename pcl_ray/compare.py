@@ -161,6 +161,7 @@ class EmbeddingPanels:
         self.labels: np.ndarray | None = None
         self.class_names: list[str] | None = None
         self.what = "backbone"
+        self._test = None  # the test split: the same for every entry (compare checks that data.* match)
 
     def add(self, label: str, cfg: ExperimentConfig, state_path: str | Path) -> None:
         import torch
@@ -169,15 +170,17 @@ class EmbeddingPanels:
         from .evaluation.features import raw_pixel_features
         from .evaluation.report import _all_images, embed_split, load_encoder
 
-        test = load_split(cfg.data, "test")
+        if self._test is None:
+            self._test = load_split(cfg.data, "test")
+        test = self._test
         size = cfg.data.image_size or test.image_size
+        if self.labels is None:
+            self.labels, self.class_names = test.labels, list(test.classes or []) or None
+            self.panels.append(("raw pixels", raw_pixel_features(_all_images(test, size))))
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         enc = load_encoder(cfg, state["method"], test.channels)
         views = ViewMaker(cfg.data.views.recipe, size, test.channels, test.mean, test.std)
         self.what = cfg.eval.feature
-        if self.labels is None:
-            self.labels, self.class_names = test.labels, list(test.classes or []) or None
-            self.panels.append(("raw pixels", raw_pixel_features(_all_images(test, size))))
         self.panels.append((label, embed_split(enc, test, views)[cfg.eval.feature]))
 
     def plot(self, path: Path, seed: int) -> Path:
