@@ -63,6 +63,19 @@ def _open_mlflow_run(cfg: ExperimentConfig, root: Path, run_name: str, parent_ru
     return logger
 
 
+def finished_run(cfg: ExperimentConfig, run_name: str) -> RunLogger | None:
+    """The MLflow run of ``run_name`` when an earlier start of it already ended FINISHED, else None."""
+    uri = resolve_uri(cfg.tracking.uri)
+    meta = _run_meta(storage_root(cfg), run_name)
+    if not meta.exists():
+        return None
+    saved = json.loads(meta.read_text())
+    if saved.get("tracking_uri") != uri:
+        return None
+    logger = RunLogger(uri, saved["mlflow_run_id"])
+    return logger if logger.client.get_run(logger.run_id).info.status == "FINISHED" else None
+
+
 def default_run_name(cfg: ExperimentConfig) -> str:
     return f"{cfg.method.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 

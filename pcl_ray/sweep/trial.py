@@ -66,12 +66,17 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ..tracking import RunLogger
-    from ..workflow import train
+    from ..workflow import finished_run, train
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(spec, config, f"trial {trial_id}")
     base = trial_run_name(spec["sweep"], trial_id)
     run_name, init_checkpoint, cloned_from = _resolve_start(spec, base)
+    done = finished_run(cfg, run_name)
+    if done is not None and done.client.get_run(done.run_id).data.tags.get(STATUS_TAG) == "finished":
+        # The trial finished (MLflow run closed and tagged) but the sweep was interrupted before Tune
+        # recorded it: its results are all logged already, so a resume redoes nothing.
+        return
     tags = {SWEEP_TAG: spec["sweep"], TRIAL_TAG: trial_id, STATUS_TAG: "running"}
     if cloned_from:
         tags[CLONED_TAG] = cloned_from
