@@ -12,7 +12,7 @@ from .signals import sigterm_as_interrupt
 from .tracking import PROJECT_DIR
 
 DEFAULT_PIPELINE = PROJECT_DIR / "pipelines" / "fmnist_pcl.yaml"
-VERBS = ("train", "eval", "compare", "tune")
+VERBS = ("train", "eval", "compare", "tune", "bench")
 
 EPILOG = """examples:
   python run.py                                   # PCL on Fashion-MNIST, local Ray, then evaluation
@@ -21,6 +21,7 @@ EPILOG = """examples:
   python run.py train pipelines/fmnist_pcl.yaml --set ray.address=auto   # attach to a running Ray cluster
   python run.py train pipelines/fmnist_pcl.yaml --resume                 # continue the latest run
   python run.py eval RUN_NAME_OR_MLFLOW_RUN_ID                          # evaluate a finished run
+  python run.py bench pipelines/fmnist_pcl.yaml                          # where an epoch's time goes
 """
 
 EVAL_DESCRIPTION = """\
@@ -102,6 +103,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", default=None, metavar="NAME",
                    help="continue an interrupted comparison (the NAME it printed, a folder under runs/): finished "
                         "runs are read back, an interrupted one continues from its checkpoint")
+    b = sub.add_parser(
+        "bench",
+        help="measure where a pipeline's training time goes: views, M-step, E-step (side by side)",
+        description="Time, in this process and on the pipeline's own data, model and method: batched tensor "
+                    "views against the per-image PIL pipeline of the same recipe; training steps with and "
+                    "without making views; the E-step (embedding pass, faiss k-means + phi per granularity) "
+                    "against one M-step epoch. Prints a table, writes bench.json + bench.md and logs an "
+                    "MLflow run.",
+    )
+    b.add_argument("pipeline", nargs="?", default=str(DEFAULT_PIPELINE),
+                   help=f"pipeline YAML (default: {DEFAULT_PIPELINE.relative_to(PROJECT_DIR)})")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    b.add_argument("--parts", default="all", metavar="NAMES", help="comma-separated subset of views,mstep,estep")
+    b.add_argument("--steps", type=int, default=10, help="timed repetitions per measurement (default 10)")
+    b.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/bench-<stamp>)")
+    b.add_argument("--no-mlflow", action="store_true", help="write the files only; log nothing to MLflow")
     e = sub.add_parser(
         "eval",
         help="evaluate a trained run or checkpoint (kNN, linear probe, low-shot SVM, clustering, ...)",
@@ -233,6 +251,36 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench import parse_parts, run_bench, write_report
+    from .workflow import storage_root
+
+    parts = parse_parts(args.parts)
+    cfg = load_config(args.pipeline, args.overrides)
+    report = run_bench(cfg, parts, steps=args.steps)
+    out = Path(args.out) if args.out else storage_root(cfg) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    table = Table(title=f"pcl-ray bench: {report.label}")
+    for col, justify in (("part", "left"), ("what", "left"), ("value", "right"), ("unit", "left")):
+        table.add_column(col, justify=justify)
+    for r in report.rows:
+        table.add_row(r.part, r.what, f"{r.value:.4g}", r.unit)
+    console = Console()
+    console.print(table)
+    if args.no_mlflow:
+        from .bench import write_files
+
+        files = write_files(report, out)
+    else:
+        files = write_report(report, cfg, out)
+    console.print("written: " + ", ".join(map(str, files)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -247,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.verb == "compare":
             return cmd_compare(args)
+        if args.verb == "bench":
+            return cmd_bench(args)
         if args.verb == "tune":
             from .tune import cmd_tune
 

@@ -82,6 +82,21 @@ class FitOutcome:
     backend_gpus: float
 
 
+def estep_kwargs(cfg: ExperimentConfig, gpu: bool) -> dict:
+    """Keyword arguments of :func:`pcl_ray.estep.run_estep` for this config (``gpu``: a GPU is reserved)."""
+    return {
+        "num_clusters": list(cfg.estep.num_clusters),
+        "temperature": cfg.method.temperature,
+        "niter": cfg.estep.niter,
+        "nredo": cfg.estep.nredo,
+        "seed": cfg.estep.seed,
+        "max_points_per_centroid": cfg.estep.max_points_per_centroid,
+        "alpha": cfg.estep.alpha,
+        "backend": cfg.estep.backend if gpu else "cpu",
+        "num_threads": cfg.estep.num_threads,
+    }
+
+
 def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: int,
         mlflow_spec: dict[str, str] | None, labels=None, callbacks: list | None = None,
         init_checkpoint: str | None = None) -> FitOutcome:
@@ -96,18 +111,7 @@ def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: i
     gpus = 0.0
     if cfg.needs_estep:
         gpus = actor_gpus(cfg, gpu)
-        estep_kwargs = {
-            "num_clusters": list(cfg.estep.num_clusters),
-            "temperature": cfg.method.temperature,
-            "niter": cfg.estep.niter,
-            "nredo": cfg.estep.nredo,
-            "seed": cfg.estep.seed,
-            "max_points_per_centroid": cfg.estep.max_points_per_centroid,
-            "alpha": cfg.estep.alpha,
-            "backend": cfg.estep.backend if gpus else "cpu",
-            "num_threads": cfg.estep.num_threads,
-        }
-        actor = start_cluster_actor(run_name, num_samples, cfg.model.feature_dim, estep_kwargs,
+        actor = start_cluster_actor(run_name, num_samples, cfg.model.feature_dim, estep_kwargs(cfg, bool(gpus)),
                                     num_cpus=cfg.ray.actor_cpus, num_gpus=gpus, labels=labels)
     trainer = TorchTrainer(
         train_loop,

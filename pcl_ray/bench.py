@@ -1,0 +1,258 @@
+"""The `bench` verb: where one training epoch's time goes, measured side by side in one process.
+
+Three parts, each timed on the pipeline's own data, model, method and E-step settings:
+
+``views``  the batched tensor view maker (:mod:`pcl_ray.data.views`) against the per-image PIL
+           pipeline of the same recipe (torchvision transforms), on the same images;
+``mstep``  training steps of the method (views + forward + backward + SGD), and the same steps on
+           views made once in advance, so the share of the step spent making views shows;
+``estep``  the E-step: embedding the training split (eval pass) and faiss k-means + φ at every
+           granularity, set against the M-step time of one epoch.
+
+Absolute numbers depend on the machine and on whatever else runs on it; the ratios are measured
+in one run, back to back. The numbers are printed, written to ``bench.json`` + ``bench.md`` under
+``runs/bench-<stamp>/`` and logged to MLflow (experiment ``tracking.experiment``, tag
+``pcl_ray.kind=bench``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ConfigError, ExperimentConfig
+
+PARTS = ("views", "mstep", "estep")
+
+
+@dataclass
+class BenchRow:
+    part: str
+    what: str
+    value: float
+    unit: str
+
+
+@dataclass
+class BenchReport:
+    label: str
+    rows: list[BenchRow] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, part: str, what: str, value: float, unit: str) -> float:
+        self.rows.append(BenchRow(part, what, float(value), unit))
+        return float(value)
+
+    def value(self, part: str, what: str) -> float | None:
+        return next((r.value for r in self.rows if r.part == part and r.what == what), None)
+
+    def markdown(self) -> str:
+        lines = [f"# pcl-ray bench: {self.label}", "",
+                 ", ".join(f"{k} {v}" for k, v in self.info.items()), "",
+                 "| part | what | value | unit |", "|---|---|---:|---|"]
+        lines += [f"| {r.part} | {r.what} | {r.value:.4g} | {r.unit} |" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+def parse_parts(text: str | None) -> tuple[str, ...]:
+    if not text or text == "all":
+        return PARTS
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise ConfigError(f"--parts: expected a comma-separated subset of {','.join(PARTS)} or 'all', got {text!r}")
+    return parts
+
+
+def _timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Mean seconds per call of ``fn`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def _batch(ds, size: int, seed: int = 0) -> torch.Tensor:
+    """A random batch of ``size`` training images as one uint8 tensor."""
+    idx = np.random.default_rng(seed).choice(len(ds), size=min(size, len(ds)), replace=False)
+    return torch.stack([ds[int(i)][0] for i in idx])
+
+
+def pil_pipeline(cfg: ExperimentConfig, ds, size: int, min_scale: float):
+    """The torchvision per-image equivalent of the batched recipe (what a Dataset.__getitem__ would run)."""
+    from torchvision import transforms as T
+
+    from .data.views import blur_kernel_size
+
+    crop = T.RandomResizedCrop(size, scale=(min_scale, 1.0))
+    if cfg.data.views.recipe == "pcl_v1":
+        middle = [T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4)]
+    else:
+        middle = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                  T.RandomApply([T.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=0.5)]
+    return T.Compose([crop, *middle, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(ds.mean, ds.std)])
+
+
+def bench_views(cfg: ExperimentConfig, ds, method, report: BenchReport, repeats: int) -> None:
+    from PIL import Image
+
+    from .distributed.worker import build_view_makers
+
+    makers, _ = build_view_makers(method, cfg, ds)
+    specs = method.view_specs(ds.image_size)
+    images = _batch(ds, cfg.train.batch_size)
+    n = images.shape[0] * len(makers)  # views made per call
+    gen = torch.Generator().manual_seed(0)
+    batched = _timed(lambda: [m(images, generator=gen) for m in makers], repeats)
+    pipelines = [pil_pipeline(cfg, ds, s.size, s.min_scale) for s in specs]
+    mode = "L" if ds.channels == 1 else "RGB"
+    arrays = [img.squeeze(0).numpy() if ds.channels == 1 else img.permute(1, 2, 0).numpy() for img in images]
+
+    def per_image():
+        for a in arrays:  # as a torchvision data set does: array -> PIL image -> transforms, per item
+            pil = Image.fromarray(a, mode=mode)
+            for p in pipelines:
+                p(pil)
+
+    pil = _timed(per_image, max(1, repeats // 2))
+    report.add("views", "batched tensor views", n / batched, "views/s")
+    report.add("views", "per-image PIL views (torchvision)", n / pil, "views/s")
+    report.add("views", "speed-up batched / PIL", pil / batched, "x")
+
+
+def _prototypes(cfg: ExperimentConfig, ds, method, device, report: BenchReport | None):
+    """Embed the training split and run the E-step once; time both when ``report`` is given."""
+    from .distributed.trainer import estep_kwargs
+    from .distributed.worker import build_view_makers, embed_shard
+    from .estep import run_estep
+
+    _, eval_views = build_view_makers(method, cfg, ds)
+    t0 = time.perf_counter()
+    emb = embed_shard(method, ds, eval_views, np.arange(len(ds)), 512, device)
+    embed_s = time.perf_counter() - t0
+    kwargs = estep_kwargs(cfg, gpu=device.type == "cuda")
+    per_k = []
+    for k in kwargs.pop("num_clusters"):
+        pset = run_estep(emb, [k], **kwargs)
+        per_k.append((k, pset.seconds))
+    pset = run_estep(emb, list(cfg.estep.num_clusters), **kwargs)
+    if report is not None:
+        report.add("estep", f"embed {len(ds)} training images (eval pass)", embed_s, "s")
+        for k, sec in per_k:
+            report.add("estep", f"k-means + phi, k={k} ({pset.backend}, nredo {cfg.estep.nredo})", sec, "s")
+        report.add("estep", "E-step total (embed + every k)", embed_s + sum(s for _, s in per_k), "s")
+    return pset
+
+
+def bench_mstep(cfg: ExperimentConfig, ds, method, device, prototypes, report: BenchReport, steps: int) -> None:
+    from .distributed.worker import build_view_makers
+
+    makers, _ = build_view_makers(method, cfg, ds)
+    net = method.net
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.train.lr,
+                                momentum=cfg.train.sgd_momentum, weight_decay=cfg.train.weight_decay)
+    images = _batch(ds, cfg.train.batch_size, seed=1).to(device)
+    index = torch.arange(images.shape[0], device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    epoch = cfg.train.warmup_epochs if prototypes is not None else 0
+    fixed = [m(images, generator=gen) for m in makers]
+    net.train()
+
+    def step(views):
+        loss, _ = method.training_loss(net, views, index, prototypes, generator=gen, epoch=epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.before_optimizer_step(epoch, 10**6)
+        optimizer.step()
+        method.after_step()
+
+    full = _timed(lambda: step([m(images, generator=gen) for m in makers]), steps, warmup=2)
+    compute = _timed(lambda: step(fixed), steps, warmup=1)
+    b = images.shape[0]
+    report.add("mstep", f"training step, views included (batch {b})", b / full, "img/s")
+    report.add("mstep", "training step on views made in advance", b / compute, "img/s")
+    report.add("mstep", "share of the step spent making views", max(0.0, 1.0 - compute / full), "fraction")
+    report.add("mstep", f"M-step epoch estimate ({len(ds)} images)", len(ds) / (b / full), "s")
+
+
+def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, log=print) -> BenchReport:
+    """Measure ``parts`` for ``cfg`` in this process (all CPU threads; the GPU when there is one)."""
+    from .data import load_split
+    from .methods import build_method
+
+    if steps < 1:
+        raise ConfigError(f"--steps: expected a positive number of timed steps, got {steps}")
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(cfg.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.ray.use_gpu is not False else "cpu")
+    ds = load_split(cfg.data, "train")
+    method = build_method(cfg, ds.channels, generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
+    report = BenchReport(f"{cfg.method.name} on {cfg.data.name}",
+                         info={"images": len(ds), "batch": cfg.train.batch_size, "backbone": cfg.model.backbone,
+                               "device": device.type, "threads": torch.get_num_threads()})
+    log(f"[pcl-ray] bench {report.label}: {', '.join(parts)} ({len(ds)} images, {device.type})")
+    if "views" in parts:
+        bench_views(cfg, ds, method, report, steps)
+        log(f"[pcl-ray] views: batched {report.value('views', 'batched tensor views'):.0f} views/s, "
+            f"PIL {report.value('views', 'per-image PIL views (torchvision)'):.0f} views/s")
+    prototypes = None
+    if method.needs_estep and ("mstep" in parts or "estep" in parts):
+        pset = _prototypes(cfg, ds, method, device, report if "estep" in parts else None)
+        prototypes = pset.to_torch(device)
+        method.on_prototypes(prototypes)
+        if "estep" in parts:
+            log(f"[pcl-ray] E-step: {report.value('estep', 'E-step total (embed + every k)'):.2f}s")
+    elif "estep" in parts:
+        report.info["estep"] = f"none ({cfg.method.name} has no E-step)"
+    if "mstep" in parts:
+        bench_mstep(cfg, ds, method, device, prototypes, report, steps)
+        rate = next(r.value for r in report.rows if r.part == "mstep" and r.unit == "img/s")
+        log(f"[pcl-ray] M-step: {rate:.0f} img/s, views included")
+    epoch_s = report.value("mstep", f"M-step epoch estimate ({len(ds)} images)")
+    estep_s = report.value("estep", "E-step total (embed + every k)")
+    if epoch_s and estep_s is not None:
+        report.add("estep", "E-step time / M-step epoch time", estep_s / epoch_s, "ratio")
+    return report
+
+
+def write_files(report: BenchReport, out_dir: Path) -> list[Path]:
+    """``bench.json`` + ``bench.md`` in ``out_dir``, each written whole or not at all."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, text in (("bench.json", json.dumps({"label": report.label, "info": report.info,
+                                                  "rows": [asdict(r) for r in report.rows]}, indent=2)),
+                       ("bench.md", report.markdown())):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
+        files.append(out_dir / name)
+    return files
+
+
+def write_report(report: BenchReport, cfg: ExperimentConfig, out_dir: Path) -> list[Path]:
+    """The files of :func:`write_files`, and one MLflow run with the numbers as metrics and the files."""
+    from .tracking import RunLogger, resolve_uri
+
+    files = write_files(report, out_dir)
+    logger = RunLogger.start(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, out_dir.name,
+                             tags={"pcl_ray.kind": "bench", "pcl_ray.method": cfg.method.name})
+    logger.log_params({**cfg.flat(), **{f"bench.{k}": v for k, v in report.info.items()}})
+    logger.log_metrics({f"bench/{r.part}/{_slug(r.what)}": r.value for r in report.rows})
+    for f in files:
+        logger.log_artifact(f)
+    logger.end("FINISHED")
+    return files
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() else "_" for c in text.lower())
+    return "_".join(filter(None, keep.split("_")))[:80]

@@ -1,0 +1,91 @@
+"""The `bench` verb on the tiny digits pipeline: every part measured, files and MLflow run written, bad input refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pcl_ray.bench import parse_parts, pil_pipeline, run_bench, write_report
+from pcl_ray.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "pipelines" / "digits_tiny.yaml"
+
+
+def test_parts_are_parsed_and_a_bad_name_is_refused():
+    assert parse_parts("all") == ("views", "mstep", "estep")
+    assert parse_parts("estep, views") == ("estep", "views")
+    with pytest.raises(ConfigError, match="--parts: expected .* got 'viewz'"):
+        parse_parts("viewz")
+
+
+def test_pil_pipeline_makes_views_like_the_batched_maker():
+    from PIL import Image
+
+    from pcl_ray.data import load_split
+    from pcl_ray.data.views import ViewMaker
+
+    cfg = load_config(TINY)
+    ds = load_split(cfg.data, "train")
+    img = ds[0][0]
+    pil = pil_pipeline(cfg, ds, ds.image_size, 0.3)(Image.fromarray(img.squeeze(0).numpy(), mode="L"))
+    batched = ViewMaker(cfg.data.views.recipe, ds.image_size, ds.channels, ds.mean, ds.std, 0.3)(img[None])[0]
+    assert pil.shape == batched.shape == (1, ds.image_size, ds.image_size)
+    # same normalisation: both map [0, 1] pixels through (x - mean) / std
+    lo, hi = (0 - ds.mean[0]) / ds.std[0], (1 - ds.mean[0]) / ds.std[0]
+    for v in (pil, batched):
+        assert lo - 1e-4 <= float(v.min()) and float(v.max()) <= hi + 1e-4
+
+
+def test_bench_measures_every_part_and_writes_files_and_an_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'db'}"
+    cfg = load_config(TINY, [f"tracking.uri={uri}", "tracking.experiment=bench-test"])
+    report = run_bench(cfg, ("views", "mstep", "estep"), steps=1, log=lambda _: None)
+    parts = {r.part for r in report.rows}
+    assert parts == {"views", "mstep", "estep"}
+    assert all(r.value > 0 for r in report.rows if r.unit != "fraction")
+    k_rows = [r for r in report.rows if r.what.startswith("k-means + phi")]
+    assert [r.what.split(" (")[0] for r in k_rows] == [f"k-means + phi, k={k}" for k in cfg.estep.num_clusters]
+    speedup = report.value("views", "speed-up batched / PIL")
+    assert speedup == pytest.approx(report.value("views", "batched tensor views")
+                                    / report.value("views", "per-image PIL views (torchvision)"), rel=1e-6)
+    epoch = report.value("mstep", f"M-step epoch estimate ({report.info['images']} images)")
+    total = report.value("estep", "E-step total (embed + every k)")
+    assert report.value("estep", "E-step time / M-step epoch time") == pytest.approx(total / epoch, rel=1e-6)
+    assert 0.0 <= report.value("mstep", "share of the step spent making views") < 1.0
+
+    files = write_report(report, cfg, tmp_path / "bench-x")
+    saved = json.loads((tmp_path / "bench-x" / "bench.json").read_text())
+    assert len(saved["rows"]) == len(report.rows) and saved["info"]["images"] == report.info["images"]
+    assert "| views | batched tensor views |" in files[1].read_text()
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("bench-test").experiment_id])[0]
+    assert run.data.tags["pcl_ray.kind"] == "bench" and run.info.status == "FINISHED"
+    assert run.data.metrics["bench/views/speed_up_batched_pil"] == pytest.approx(speedup)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"bench.json", "bench.md"}
+
+
+def test_a_method_without_e_step_reports_no_e_step():
+    cfg = load_config(TINY, ["method.name=moco"])
+    report = run_bench(cfg, ("mstep", "estep"), steps=1, log=lambda _: None)
+    assert {r.part for r in report.rows} == {"mstep"}
+    assert report.info["estep"] == "none (moco has no E-step)"
+
+
+def test_cli_refuses_bad_input_before_measuring(tmp_path, capsys):
+    from pcl_ray.cli import main
+
+    out = tmp_path / "out"
+    assert main(["bench", str(TINY), "--parts", "gpu", "--out", str(out)]) == 2
+    assert "--parts" in capsys.readouterr().err
+    assert main(["bench", str(TINY), "--steps", "0", "--out", str(out), "--no-mlflow"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert main(["bench", str(TINY), "--set", "train.batch_size=-1", "--out", str(out)]) == 2
+    assert "train.batch_size" in capsys.readouterr().err
+    assert not out.exists()
+    torch.set_num_threads(1)
