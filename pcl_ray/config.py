@@ -101,6 +101,10 @@ class EStepConfig(_Section):
     backend: Literal["auto", "cpu", "gpu"] = "auto"
     num_threads: int | None = Field(None, gt=0, description="faiss threads; None = all CPUs of the node")
     seed: int = 0
+    features: Literal["eval_pass", "stream"] = Field(
+        "eval_pass", description="what the E-step clusters: 'eval_pass' embeds the training set in eval mode at "
+        "each E-step (the paper); 'stream' reuses the embeddings the M-step computed during the previous epoch "
+        "(momentum keys for PCL), so the extra pass is skipped and the features are up to one epoch stale")
 
     @model_validator(mode="after")
     def _check_clusters(self) -> "EStepConfig":

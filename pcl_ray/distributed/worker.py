@@ -59,6 +59,40 @@ def epoch_indices(n: int, rank: int, world: int, seed: int, epoch: int) -> np.nd
     return perm[rank::world][:per_rank]
 
 
+def unseen_indices(n: int, world: int, seed: int, epoch: int, steps: int, local_bs: int) -> np.ndarray:
+    """Indices that no rank trains on in ``epoch``: what equal-length, whole-batch shards leave out."""
+    seen = np.zeros(n, dtype=bool)
+    for r in range(world):
+        seen[epoch_indices(n, r, world, seed, epoch)[: steps * local_bs]] = True
+    return np.flatnonzero(~seen)
+
+
+class StreamedEmbeddings:
+    """One rank's M-step embeddings of one epoch, kept for the next epoch's E-step (``estep.features=stream``)."""
+
+    def __init__(self, epoch: int, capacity: int):
+        self.epoch = epoch
+        self.capacity = capacity
+        self.indices = np.empty(capacity, dtype=np.int64)
+        self.embeddings: np.ndarray | None = None
+        self.filled = 0
+
+    def add(self, index: torch.Tensor, embedding: torch.Tensor | None, method_name: str) -> None:
+        if embedding is None:
+            raise RuntimeError(f"estep.features=stream: method {method_name!r} sets no stream_embedding")
+        emb = embedding.detach().float().cpu().numpy()
+        if self.embeddings is None:
+            self.embeddings = np.empty((self.capacity, emb.shape[1]), dtype=np.float32)
+        end = self.filled + emb.shape[0]
+        self.indices[self.filled:end] = index.cpu().numpy()
+        self.embeddings[self.filled:end] = emb
+        self.filled = end
+
+    def shard(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.embeddings is not None
+        return self.indices[: self.filled], self.embeddings[: self.filled]
+
+
 @torch.no_grad()
 def embed_shard(method, ds, views: ViewMaker, indices: np.ndarray, batch_size: int, device,
                 loader_workers: int = 0) -> np.ndarray:
@@ -158,13 +192,26 @@ def train_loop(loop_config: dict) -> None:
 
         tracker = RunLogger(**loop_config["mlflow"])
 
+    streamed: StreamedEmbeddings | None = None  # the previous epoch's M-step embeddings (estep.features=stream)
     for epoch in range(start_epoch, cfg.train.epochs):
         metrics: dict[str, float] = {"epoch": epoch + 1}
         prototypes = None
         if method.needs_estep and epoch >= cfg.train.warmup_epochs:
             t0 = time.perf_counter()
-            own = shard_indices(n, rank, world)
-            emb = embed_shard(method, ds, views, own, max(256, local_bs), device, cfg.data.views.loader_workers)
+            embed_bs = max(256, local_bs)
+            if streamed is not None and streamed.epoch == epoch - 1:
+                # last epoch's embeddings, plus a fresh pass over the few images no rank trained on
+                rest = unseen_indices(n, world, cfg.train.seed, epoch - 1, steps_per_epoch, local_bs)[rank::world]
+                seen_idx, seen_emb = streamed.shard()
+                extra = embed_shard(method, ds, views, rest, embed_bs, device) if rest.size else seen_emb[:0]
+                own, emb = np.concatenate([seen_idx, rest]), np.concatenate([seen_emb, extra])
+                source = "the M-step's embeddings of the last epoch"
+            else:  # the paper's mode; also the first E-step after a resume in stream mode
+                own = shard_indices(n, rank, world)
+                emb = embed_shard(method, ds, views, own, embed_bs, device, cfg.data.views.loader_workers)
+                source = "an eval pass"
+            metrics["estep/from_stream"] = float(streamed is not None and streamed.epoch == epoch - 1)
+            streamed = None
             idx_ref, emb_ref = ray.put(own), ray.put(emb)
             pset = fetch_prototypes(actor, epoch, rank, lambda: actor.submit_shard.remote(epoch, rank, idx_ref, emb_ref))
             prototypes = pset.to_torch(device)
@@ -173,8 +220,8 @@ def train_loop(loop_config: dict) -> None:
             metrics["time/estep_total_s"] = time.perf_counter() - t0
             if rank == 0:
                 ks = ",".join(str(g.num_clusters) for g in pset.granularities)
-                say(f"epoch {epoch + 1}: E-step k=[{ks}] on {pset.backend} "
-                      f"k-means {pset.seconds:.2f}s, total {metrics['time/estep_total_s']:.2f}s")
+                say(f"epoch {epoch + 1}: E-step k=[{ks}] on {source}, {pset.backend} "
+                    f"k-means {pset.seconds:.2f}s, total {metrics['time/estep_total_s']:.2f}s")
 
         online.train()
         gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
@@ -182,6 +229,9 @@ def train_loop(loop_config: dict) -> None:
         seen = 0
         t_epoch = time.perf_counter()
         order = epoch_indices(n, rank, world, cfg.train.seed, epoch)
+        collect = (method.needs_estep and cfg.estep.features == "stream"
+                   and cfg.train.warmup_epochs <= epoch + 1 < cfg.train.epochs)
+        collecting = StreamedEmbeddings(epoch, steps_per_epoch * local_bs) if collect else None
         batches = iterate_batches(ds, order, local_bs, shuffle=False, seed=0, drop_last=True,
                                   loader_workers=cfg.data.views.loader_workers)
         for step, (images, index) in enumerate(batches):
@@ -194,6 +244,8 @@ def train_loop(loop_config: dict) -> None:
                                                epoch=epoch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {step}: {parts}")
+            if collecting is not None:
+                collecting.add(index, method.stream_embedding, method.name)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             method.before_optimizer_step(epoch, global_step)
@@ -209,6 +261,7 @@ def train_loop(loop_config: dict) -> None:
                 say(f"epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{steps_per_epoch} "
                       f"loss {parts['loss/total']:.3f} lr {lr:.4f} {rate:.0f} img/s")
         elapsed = time.perf_counter() - t_epoch
+        streamed = collecting
         metrics.update({k: v / max(1, step + 1) for k, v in sums.items()})
         metrics["lr"] = lr
         metrics["throughput/img_per_s"] = seen * world / elapsed

@@ -60,6 +60,10 @@ class Method(nn.Module):
         """L2-normalized embeddings that the cluster actor clusters (called under no_grad, eval mode)."""
         return self.encoder(x)
 
+    #: The last training batch's embeddings in the E-step's space (detached, row i = batch item i), set by
+    #: ``training_loss`` of methods with an E-step; the loop collects them when ``estep.features=stream``.
+    stream_embedding: torch.Tensor | None = None
+
     def on_prototypes(self, prototypes) -> None:
         """Called once per epoch with the epoch's prototypes (per granularity: assignments, centroids, φ)."""
 

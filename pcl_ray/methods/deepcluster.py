@@ -10,9 +10,10 @@ heads and over every crop of the batch, ``CE(softmax(z·Pᵀ/τ), assignment of 
 Differences from the reference, all deliberate:
 
 * E-step features: the reference clusters a memory bank of last epoch's *training* embeddings
-  (prototypes one epoch stale). Here the loop's E-step makes a fresh eval-mode pass of the online
-  encoder over the training set at the start of the epoch (deterministic transform). DESIGN §2 plans a
-  streaming mode that feeds the actor the M-step's embeddings instead; this method then needs no change.
+  (prototypes one epoch stale). By default the loop's E-step makes a fresh eval-mode pass of the online
+  encoder over the training set at the start of the epoch (deterministic transform);
+  ``estep.features=stream`` clusters the first crop's training embeddings of the previous epoch, as the
+  reference does.
 * k-means: the cluster actor's faiss k-means (Euclidean on unit vectors, centroids L2-normalized
   afterwards) rather than the reference's hand-written spherical k-means; faiss re-splits empty
   clusters, and if one ever comes back empty its head keeps the previous centroid (as the reference).
@@ -78,6 +79,7 @@ class DeepClusterV2(Method):
         if len({tuple(v.shape[1:]) for v in views}) != 1:
             raise ValueError("deepcluster: every view must have the same shape (one forward over all crops)")
         z = online(torch.cat(views))  # crop-major: rows [c*B, (c+1)*B) are crop c of the batch
+        self.stream_embedding = z[: views[0].shape[0]].detach()  # the memory bank of the reference
         losses, accs = [], []
         for head, (assignments, _, _) in zip(self.prototypes, prototypes, strict=True):
             targets = assignments[index].repeat(len(views))

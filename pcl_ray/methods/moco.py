@@ -39,6 +39,7 @@ class MoCo(Method):
             k = shuffled_forward(self.key_encoder, views[1])
         loss, logits, targets = info_nce(q, k, self.queue.keys.clone().detach(), self.method_cfg.temperature)
         self._keys = k
+        self.stream_embedding = k  # what embed_for_estep computes, on this step's second view
         metrics = {"loss/info_nce": float(loss.detach()), "acc/instance": accuracy(logits, targets)}
         return q, loss, metrics
 

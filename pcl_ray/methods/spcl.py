@@ -82,6 +82,7 @@ class SPCL(Method):
 
         z, pair_logits = online(torch.cat(views[:2]), first, second)
         z_a, z_b = z[:b], z[b:]
+        self.stream_embedding = z_a.detach()
         ntx, logits, targets = global_nt_xent(z_a, z_b, cfg.ntxent_temperature)
         metrics = {"loss/nt_xent": float(ntx.detach()), "acc/instance": accuracy(logits.detach(), targets)}
         metric = pair_bce(pair_logits, same)  # an exact 0 (still in the graph) when there are no pairs

@@ -1,0 +1,94 @@
+"""``estep.features=stream``: the E-step clusters the M-step's embeddings of the previous epoch.
+
+Unit: the streamed shards plus the fresh pass over the unseen images cover the index space exactly once
+(else the cluster actor would never start). Integration (Ray): a PCL run on digits uses streamed
+embeddings at every E-step after the first epoch, and falls back to the eval pass once after a resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pcl_ray.config import load_config
+from pcl_ray.distributed.worker import StreamedEmbeddings, epoch_indices, unseen_indices
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("n", "world", "local_bs"), [(1500, 2, 64), (1797, 3, 50), (1000, 1, 128), (640, 2, 64)])
+def test_streamed_and_unseen_indices_cover_every_image_once(n, world, local_bs):
+    steps = (n // world) // local_bs
+    for epoch in range(3):
+        parts = [epoch_indices(n, r, world, 7, epoch)[: steps * local_bs] for r in range(world)]
+        rest = unseen_indices(n, world, 7, epoch, steps, local_bs)
+        parts += [rest[r::world] for r in range(world)]
+        every = np.concatenate(parts)
+        assert len(every) == n and np.array_equal(np.sort(every), np.arange(n))
+        assert len(rest) == n - world * steps * local_bs
+
+
+def test_streamed_embeddings_keep_rows_with_their_indices():
+    buf = StreamedEmbeddings(epoch=3, capacity=6)
+    buf.add(torch.tensor([5, 1, 4]), torch.arange(6.0).view(3, 2), "pcl")
+    buf.add(torch.tensor([0, 2, 3]), torch.arange(6.0, 12.0).view(3, 2), "pcl")
+    idx, emb = buf.shard()
+    assert idx.tolist() == [5, 1, 4, 0, 2, 3]
+    assert emb.dtype == np.float32 and emb[0].tolist() == [0.0, 1.0] and emb[5].tolist() == [10.0, 11.0]
+    with pytest.raises(RuntimeError, match="estep.features=stream: method 'x' sets no stream_embedding"):
+        buf.add(torch.tensor([1]), None, "x")
+
+
+def test_every_e_step_method_sets_its_stream_embedding():
+    from pcl_ray.methods import METHODS, build_method
+
+    for name, cls in METHODS.items():
+        if not cls.needs_estep:
+            continue
+        warmup = 0 if name == "deepcluster" else 1
+        cfg = load_config(ROOT / "pipelines" / "digits_tiny.yaml",
+                          [f"method.name={name}", f"train.warmup_epochs={warmup}", "ray.num_workers=1"])
+        torch.manual_seed(0)
+        method = build_method(cfg, 1, generator=torch.Generator().manual_seed(0))
+        x = torch.rand(8, 1, 8, 8)
+        views = [x + 0.01 * torch.randn_like(x) for _ in method.view_specs(8)]
+        k = cfg.estep.num_clusters
+        prototypes = [(torch.randint(0, kk, (8,)), torch.nn.functional.normalize(torch.randn(kk, cfg.model.feature_dim), dim=1),
+                       torch.full((kk,), 0.2)) for kk in k] if name != "pcl" else None
+        if prototypes is not None:
+            method.on_prototypes(prototypes)
+        method.training_loss(method.net, views, torch.arange(8), prototypes, generator=torch.Generator(), epoch=1)
+        emb = method.stream_embedding
+        assert emb is not None and emb.shape == (8, cfg.model.feature_dim) and not emb.requires_grad, name
+        method.estep_module().eval()
+        with torch.no_grad():  # the same space as the eval pass: unit vectors of the E-step's dimension
+            ref = method.embed_for_estep(x)
+        assert ref.shape == emb.shape and torch.allclose(emb.norm(dim=1), torch.ones(8), atol=1e-5), name
+
+
+@pytest.mark.ray
+def test_pcl_run_clusters_streamed_embeddings_and_falls_back_after_resume(ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pcl_ray.workflow import train
+
+    def cfg(epochs):
+        return load_config(ROOT / "pipelines" / "digits_tiny.yaml", [
+            f"train.epochs={epochs}", "train.warmup_epochs=1", "estep.features=stream",
+            f"ray.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'db'}",
+            "tracking.experiment=stream", "eval.enabled=false"])
+
+    out = train(cfg(3), run_name="it-stream")
+    client = MlflowClient(out.tracking_uri)
+    source = client.get_metric_history(out.mlflow_run_id, "estep/from_stream")
+    assert [(m.step, m.value) for m in source] == [(2, 1.0), (3, 1.0)]  # epoch 1's and 2's M-step embeddings
+    ami = client.get_metric_history(out.mlflow_run_id, "estep/k10/ami_labels")
+    assert [m.step for m in ami] == [2, 3] and all(0.0 <= m.value <= 1.0 for m in ami)
+    assert client.get_run(out.mlflow_run_id).data.params["estep.features"] == "stream"
+
+    again = train(cfg(4), run_name="it-stream")  # resumed: no embeddings from epoch 3 in this process
+    source = client.get_metric_history(again.mlflow_run_id, "estep/from_stream")
+    assert [(m.step, m.value) for m in source] == [(2, 1.0), (3, 1.0), (4, 0.0)]
