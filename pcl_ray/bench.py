@@ -71,14 +71,22 @@ def parse_parts(text: str | None) -> tuple[str, ...]:
     return parts
 
 
-def _timed(fn, repeats: int, warmup: int = 1) -> float:
-    """Mean seconds per call of ``fn`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+def _alternating(fns, repeats: int, warmup: int = 1) -> list[float]:
+    """Mean seconds per call of each of ``fns``, called in turn ``repeats`` times after ``warmup`` rounds.
+
+    Alternating the candidates spreads whatever else the machine is doing evenly over them, so their
+    ratio holds even when the absolute times drift.
+    """
     for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
+        for fn in fns:
+            fn()
+    totals = [0.0] * len(fns)
     for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            totals[i] += time.perf_counter() - t0
+    return [t / repeats for t in totals]
 
 
 def _batch(ds, size: int, seed: int = 0) -> torch.Tensor:
@@ -112,7 +120,6 @@ def bench_views(cfg: ExperimentConfig, ds, method, report: BenchReport, repeats:
     images = _batch(ds, cfg.train.batch_size)
     n = images.shape[0] * len(makers)  # views made per call
     gen = torch.Generator().manual_seed(0)
-    batched = _timed(lambda: [m(images, generator=gen) for m in makers], repeats)
     pipelines = [pil_pipeline(cfg, ds, s.size, s.min_scale) for s in specs]
     mode = "L" if ds.channels == 1 else "RGB"
     arrays = [img.squeeze(0).numpy() if ds.channels == 1 else img.permute(1, 2, 0).numpy() for img in images]
@@ -123,7 +130,7 @@ def bench_views(cfg: ExperimentConfig, ds, method, report: BenchReport, repeats:
             for p in pipelines:
                 p(pil)
 
-    pil = _timed(per_image, max(1, repeats // 2))
+    batched, pil = _alternating([lambda: [m(images, generator=gen) for m in makers], per_image], repeats)
     report.add("views", "batched tensor views", n / batched, "views/s")
     report.add("views", "per-image PIL views (torchvision)", n / pil, "views/s")
     report.add("views", "speed-up batched / PIL", pil / batched, "x")
@@ -150,6 +157,8 @@ def _prototypes(cfg: ExperimentConfig, ds, method, device, report: BenchReport |
         for k, sec in per_k:
             report.add("estep", f"k-means + phi, k={k} ({pset.backend}, nredo {cfg.estep.nredo})", sec, "s")
         report.add("estep", "E-step total (embed + every k)", embed_s + sum(s for _, s in per_k), "s")
+        report.add("estep", "E-step total with estep.features=stream (every k, no eval pass)",
+                   sum(s for _, s in per_k), "s")
     return pset
 
 
@@ -175,8 +184,8 @@ def bench_mstep(cfg: ExperimentConfig, ds, method, device, prototypes, report: B
         optimizer.step()
         method.after_step()
 
-    full = _timed(lambda: step([m(images, generator=gen) for m in makers]), steps, warmup=2)
-    compute = _timed(lambda: step(fixed), steps, warmup=1)
+    full, compute = _alternating([lambda: step([m(images, generator=gen) for m in makers]),
+                                  lambda: step(fixed)], steps, warmup=2)
     b = images.shape[0]
     report.add("mstep", f"training step, views included (batch {b})", b / full, "img/s")
     report.add("mstep", "training step on views made in advance", b / compute, "img/s")
