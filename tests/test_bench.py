@@ -88,4 +88,6 @@ def test_cli_refuses_bad_input_before_measuring(tmp_path, capsys):
     assert main(["bench", str(TINY), "--set", "train.batch_size=-1", "--out", str(out)]) == 2
     assert "train.batch_size" in capsys.readouterr().err
     assert not out.exists()
-    torch.set_num_threads(1)
+    assert main(["bench", str(TINY), "--parts", "views", "--steps", "1", "--out", str(out), "--no-mlflow"]) == 0
+    assert "speed-up batched / PIL" in capsys.readouterr().out
+    assert sorted(f.name for f in out.iterdir()) == ["bench.json", "bench.md"]  # no temporary files left
