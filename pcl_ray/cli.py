@@ -146,7 +146,11 @@ def _print_results(outcome) -> None:
     console = Console()
     table = Table(title=f"pcl-ray results: {outcome.run_name} (test split)")
     table.add_column("representation")
-    cols = [("knn_acc", "kNN acc"), ("ami", "AMI"), ("nmi", "NMI"), ("ari", "ARI"), ("acc", "cluster acc")]
+    from .evaluation.report import extra_knn_columns
+
+    extra = extra_knn_columns({k for v in outcome.eval.values() for k in v})
+    cols = [("knn_acc", "kNN acc"), *extra,
+            ("ami", "AMI"), ("nmi", "NMI"), ("ari", "ARI"), ("acc", "cluster acc")]
     shots = sorted({int(k[5:]) for v in outcome.eval.values() for k in v if k.startswith("svm_k")})
     if shots:  # the fewest and the most labels per class
         cols += [(f"svm_k{s}", f"{s}-shot SVM") for s in sorted({shots[0], shots[-1]})]

@@ -34,6 +34,13 @@ COLUMNS = (("knn_acc", "kNN acc"), ("ami", "AMI"), ("nmi", "NMI"), ("acc", "clus
            ("svm_k1", "1-shot SVM"), ("svm_k16", "16-shot SVM"))
 
 
+def table_columns(metric_names) -> list[tuple[str, str]]:
+    """COLUMNS, with a ``kNN k=<k>`` column after ``kNN acc`` for every extra neighbour count reported."""
+    from .evaluation.report import extra_knn_columns
+
+    return [COLUMNS[0], *extra_knn_columns(metric_names), *COLUMNS[1:]]
+
+
 class Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     label: str = Field(min_length=1)
@@ -115,16 +122,17 @@ def summarize(results: dict[tuple[str, int], dict[str, dict[str, float]]]) -> li
             else:
                 key = (label, rep.rsplit("_", 1)[-1])
             bucket = rows.setdefault(key, {})
-            for m, _ in COLUMNS:
+            for m, _ in table_columns(metrics):
                 if m in metrics:
                     bucket.setdefault(m, []).append(float(metrics[m]))
     return [{"label": k[0], "features": k[1], **v} for k, v in rows.items()]
 
 
 def markdown_table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
-    head = "| method | features | " + " | ".join(title for _, title in COLUMNS) + " |"
-    sep = "|---|---|" + "---:|" * len(COLUMNS)
-    body = [f"| {r['label']} | {r['features']} | " + " | ".join(_mean_std(r.get(m, [])) for m, _ in COLUMNS) + " |"
+    cols = table_columns({m for r in rows for m in r})
+    head = "| method | features | " + " | ".join(title for _, title in cols) + " |"
+    sep = "|---|---|" + "---:|" * len(cols)
+    body = [f"| {r['label']} | {r['features']} | " + " | ".join(_mean_std(r.get(m, [])) for m, _ in cols) + " |"
             for r in rows]
     note = f"\nTest split; mean ± std over seeds {seeds}." if len(seeds) > 1 else f"\nTest split; seed {seeds[0]}."
     return "\n".join([head, sep, *body]) + "\n" + note + "\n"
@@ -276,7 +284,7 @@ def run_compare(path: str | Path, overrides: list[str], seeds: list[int] | None 
             parent.log_artifact(out_dir / f)
         for r in rows:
             parent.log_metrics({f"{r['label']}/{r['features']}/{m}": statistics.mean(r[m])
-                                for m, _ in COLUMNS if r.get(m)})
+                                for m, _ in table_columns(r) if r.get(m)})
         status = "FINISHED"
         return md, out_dir
     except KeyboardInterrupt:

@@ -153,6 +153,10 @@ class EvalConfig(_Section):
     enabled: bool = True
     knn_k: int = Field(200, gt=0)
     knn_temperature: float = Field(0.1, gt=0.0)
+    knn_extra_k: list[int] = Field(
+        default_factory=lambda: [20],
+        description="further neighbour counts, each reported as knn<k>_acc beside knn_acc (k = knn_k); "
+                    "20 is DINO's protocol, 200 (knn_k) InstDisc's and MoCo's")
     kmeans_restarts: int = Field(5, gt=0)
     feature: Literal["backbone", "head"] = "backbone"
     baselines: bool = True
@@ -184,6 +188,8 @@ class EvalConfig(_Section):
 
     @model_validator(mode="after")
     def _check_eval_grids(self) -> "EvalConfig":
+        if any(k < 1 for k in self.knn_extra_k):
+            raise ValueError(f"knn_extra_k must all be >= 1, got {self.knn_extra_k}")
         if any(k < 1 for k in self.lowshot_shots):
             raise ValueError(f"lowshot_shots must all be >= 1, got {self.lowshot_shots}")
         if any(c <= 0 for c in self.lowshot_costs) or any(w < 0 for w in self.linear_weight_decays):

@@ -70,6 +70,16 @@ def test_summary_counts_the_pixel_baseline_once_per_seed(tmp_path):
     assert "| – | – |" in md
 
 
+def test_extra_knn_columns_follow_the_main_knn_column():
+    results = {("a", 0): {"m_backbone": {"knn_acc": 0.8, "knn20_acc": 0.85, "knn5_acc": 0.9, "ami": 0.5}}}
+    rows = summarize(results)
+    assert rows[0]["knn20_acc"] == [0.85] and rows[0]["knn5_acc"] == [0.9]
+    head = markdown_table(rows, [0]).splitlines()[0]
+    assert head.startswith("| method | features | kNN acc | kNN k=5 | kNN k=20 | AMI |")
+    body = markdown_table(rows, [0]).splitlines()[2]
+    assert body.startswith("| a | backbone | 0.8000 | 0.9000 | 0.8500 | 0.5000 |")
+
+
 def test_embedding_grid_has_one_panel_per_representation(tmp_path):
     from pcl_ray.evaluation.embedding_plot import plot_embedding_grid
 

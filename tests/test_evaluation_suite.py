@@ -261,6 +261,26 @@ def test_parse_suites() -> None:
         parse_suites("knn,bogus")
 
 
+def test_knn_suite_reports_every_extra_neighbour_count(tmp_path) -> None:
+    from pcl_ray.data import ViewMaker
+    from pcl_ray.evaluation.knn import knn_accuracy
+    from pcl_ray.evaluation.suite import _embed_split, encoder_from_state
+
+    cfg = _digits_cfg(tmp_path, knn_extra_k=[1, 5])
+    torch.manual_seed(0)
+    state = build_method(cfg, 1).state_dict()
+    metrics = run_suite(cfg, state, ["knn"], tmp_path / "out", log=lambda _: None)
+    assert set(metrics) == {"eval/knn/acc", "eval/knn/acc_k1", "eval/knn/acc_k5"}
+    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    enc = encoder_from_state(cfg, state, train.channels)
+    views = ViewMaker(cfg.data.views.recipe, train.image_size, train.channels, train.mean, train.std)
+    xtr, xte = (_embed_split(enc, ds, views, cfg.eval.feature) for ds in (train, test))
+    for name, k in (("acc", 20), ("acc_k1", 1), ("acc_k5", 5)):
+        expected = knn_accuracy(xtr, train.labels, xte, test.labels, k=k, temperature=cfg.eval.knn_temperature)
+        assert metrics[f"eval/knn/{name}"] == pytest.approx(expected), name
+    assert metrics["eval/knn/acc_k1"] != metrics["eval/knn/acc"]  # the k really differs
+
+
 def test_run_suite_writes_metrics_and_artifacts(tmp_path) -> None:
     cfg = _digits_cfg(tmp_path)
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,15 @@ from .clustering import cluster_metrics
 from .features import raw_pixel_features
 from .knn import knn_accuracy
 from .lowshot import lowshot_svm
+
+
+_EXTRA_KNN = re.compile(r"knn(\d+)_acc")  # eval.knn_extra_k, as named by _row
+
+
+def extra_knn_columns(metric_names) -> list[tuple[str, str]]:
+    """``(name, title)`` of every kNN accuracy at an extra neighbour count among ``metric_names``, by k."""
+    ks = sorted({int(m.group(1)) for name in metric_names if (m := _EXTRA_KNN.fullmatch(name))})
+    return [(f"knn{k}_acc", f"kNN k={k}") for k in ks]
 
 
 def load_encoder(cfg: ExperimentConfig, method_state: dict[str, torch.Tensor], in_channels: int) -> Encoder:
@@ -37,6 +47,9 @@ def embed_split(enc: Encoder, ds, views: ViewMaker, batch_size: int = 512) -> di
 def _row(train_x, train_y, test_x, test_y, cfg: ExperimentConfig, num_classes: int) -> dict[str, float]:
     row = {"knn_acc": knn_accuracy(train_x, train_y, test_x, test_y, k=cfg.eval.knn_k,
                                    temperature=cfg.eval.knn_temperature, num_classes=num_classes)}
+    for k in cfg.eval.knn_extra_k:
+        row[f"knn{k}_acc"] = knn_accuracy(train_x, train_y, test_x, test_y, k=k,
+                                          temperature=cfg.eval.knn_temperature, num_classes=num_classes)
     cm = cluster_metrics(test_x, test_y, num_clusters=num_classes, restarts=cfg.eval.kmeans_restarts, seed=cfg.train.seed)
     row.update({k: float(v) for k, v in cm.items()})
     e = cfg.eval

@@ -9,7 +9,8 @@ output), runs the requested suites on them and returns flat metrics named
 ========== ================================================================ ==========================
 suite      protocol                                                         metrics
 ========== ================================================================ ==========================
-knn        weighted kNN, cosine, ``eval.knn_k`` / ``eval.knn_temperature``  ``acc``
+knn        weighted kNN, cosine, ``eval.knn_k`` / ``eval.knn_temperature``  ``acc``,
+           (and every k of ``eval.knn_extra_k``)                            ``acc_k<k>``
 linear     logistic regression on standardized features, λ chosen on a      ``acc``, ``val_acc``,
            validation split of train (:mod:`.linear_probe`)                 ``weight_decay``
 lowshot    linear SVM on k labelled images per class, ``C`` chosen on       ``k<k>_mean``,
@@ -142,9 +143,13 @@ class _Context:
 
 def _knn(ctx: _Context) -> dict[str, float]:
     (xtr, ytr), (xte, yte) = ctx.labelled("train"), ctx.labelled("test")
-    acc = knn_accuracy(xtr, ytr, xte, yte, k=ctx.cfg.eval.knn_k, temperature=ctx.cfg.eval.knn_temperature,
-                       num_classes=ctx.num_classes)
-    return {"acc": acc}
+    e = ctx.cfg.eval
+    out = {"acc": knn_accuracy(xtr, ytr, xte, yte, k=e.knn_k, temperature=e.knn_temperature,
+                               num_classes=ctx.num_classes)}
+    for k in e.knn_extra_k:
+        out[f"acc_k{k}"] = knn_accuracy(xtr, ytr, xte, yte, k=k, temperature=e.knn_temperature,
+                                        num_classes=ctx.num_classes)
+    return out
 
 
 def _linear(ctx: _Context) -> dict[str, float]:
