@@ -161,6 +161,41 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+CURVE_PANELS = (("online/knn_acc", "online kNN acc (held training images)"),
+                ("estep/ami_labels", "E-step AMI vs labels (smallest k)"))
+
+
+def training_curves(uri: str, parent_run_id: str) -> dict[str, dict[str, list[list[tuple[int, float]]]]]:
+    """Per-epoch curves of every child run of a comparison, read back from MLflow: panel -> label -> runs.
+
+    ``estep/ami_labels`` stands for the run's coarsest granularity, ``estep/k<min k>/ami_labels`` (the
+    AMI of the E-step's own assignments against the labels; monitoring only, never used in training).
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    panels: dict[str, dict[str, list[list[tuple[int, float]]]]] = {title: {} for _, title in CURVE_PANELS}
+    for child in children:
+        label = child.data.tags.get("pcl_ray.compare_label")
+        if label is None:
+            continue
+        ks = sorted(int(m[len("estep/k"):-len("/ami_labels")]) for m in child.data.metrics
+                    if m.startswith("estep/k") and m.endswith("/ami_labels"))
+        for key, title in CURVE_PANELS:
+            if key == "estep/ami_labels":
+                if not ks:
+                    continue
+                key = f"estep/k{ks[0]}/ami_labels"
+            if key in child.data.metrics:
+                history = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, key))
+                panels[title].setdefault(label, []).append(history)
+    return panels
+
+
 class EmbeddingPanels:
     """Test-split features of each compared method (first seed), drawn as one t-SNE grid at the end."""
 
@@ -276,6 +311,13 @@ def run_compare(path: str | Path, overrides: list[str], seeds: list[int] | None 
         (out_dir / "comparison.md").write_text(md)
         plot_comparison(rows, out_dir / "comparison.png")
         files = ["comparison.md", "comparison.png"]
+        from .evaluation.plots import plot_curves_by_label
+
+        curves = training_curves(parent.tracking_uri, parent.run_id)
+        if any(curves.values()):
+            plot_curves_by_label(curves, out_dir / "curves.png",
+                                 title=f"{spec.name}: mean over seeds {spec.seeds}, shaded min to max")
+            files.append("curves.png")
         if pictures.panels:
             log(f"[pcl-ray] compare: t-SNE of {len(pictures.panels)} test embeddings (seed {spec.seeds[0]})")
             pictures.plot(out_dir / "embeddings.png", seed=spec.seeds[0])

@@ -80,6 +80,31 @@ def test_extra_knn_columns_follow_the_main_knn_column():
     assert body.startswith("| a | backbone | 0.8000 | 0.9000 | 0.8500 | 0.5000 |")
 
 
+def test_training_curves_are_read_back_per_label_and_seed(tmp_path):
+    from pcl_ray.compare import training_curves
+    from pcl_ray.evaluation.plots import plot_curves_by_label
+    from pcl_ray.tracking import RunLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = RunLogger.start(uri, "curves", "cmp", tags={"pcl_ray.kind": "compare"})
+    RunLogger.start(uri, "curves", "unrelated").log_metrics({"online/knn_acc": 0.1}, step=1)
+    for label, seed, estep in (("pcl", 0, True), ("pcl", 1, True), ("moco", 0, False)):
+        child = RunLogger.start(uri, "curves", f"{label}-s{seed}", tags={"pcl_ray.compare_label": label},
+                                parent_run_id=parent.run_id)
+        for epoch in (1, 2, 3):
+            child.log_metrics({"online/knn_acc": 0.5 + 0.1 * epoch + 0.01 * seed}, step=epoch)
+            if estep and epoch >= 2:  # warm-up epoch 1; coarsest k=10 is the one plotted
+                child.log_metrics({"estep/k10/ami_labels": 0.3 * epoch, "estep/k50/ami_labels": 0.9}, step=epoch)
+    curves = training_curves(uri, parent.run_id)
+    knn = curves["online kNN acc (held training images)"]
+    assert sorted(knn) == ["moco", "pcl"] and len(knn["pcl"]) == 2 and len(knn["moco"]) == 1
+    assert knn["moco"][0] == [(1, pytest.approx(0.6)), (2, pytest.approx(0.7)), (3, pytest.approx(0.8))]
+    ami = curves["E-step AMI vs labels (smallest k)"]
+    assert list(ami) == ["pcl"] and ami["pcl"][1] == [(2, pytest.approx(0.6)), (3, pytest.approx(0.9))]
+    png = plot_curves_by_label(curves, tmp_path / "curves.png", title="t")
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 5000
+
+
 def test_embedding_grid_has_one_panel_per_representation(tmp_path):
     from pcl_ray.evaluation.embedding_plot import plot_embedding_grid
 
@@ -133,5 +158,6 @@ def test_compare_two_methods_on_digits(ray_local, tmp_path):
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
     with pytest.raises(ConfigError, match="--resume cmp-test-0: no comparison of that name"):
         run_compare(p, [], resume="cmp-test-0")
-    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {"comparison.md", "comparison.png",
-                                                                              "embeddings.png"}
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {
+        "comparison.md", "comparison.png", "embeddings.png", "curves.png"}
+    assert (out_dir / "curves.png").read_bytes().startswith(b"\x89PNG")

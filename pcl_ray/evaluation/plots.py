@@ -18,7 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-__all__ = ["plot_metric_curves", "plot_prototype_stats"]
+__all__ = ["plot_curves_by_label", "plot_metric_curves", "plot_prototype_stats"]
+
+#: one training run's curve: (epoch, value) pairs
+Curve = Sequence[tuple[int, float]]
 
 
 class GranularityLike(Protocol):
@@ -118,4 +121,46 @@ def plot_metric_curves(history: Mapping[str, Sequence[float]], path: str | os.Pa
         ax.grid(True, alpha=0.3)
     for ax in axes[len(names) :]:
         ax.set_visible(False)
+    return _save(fig, path)
+
+
+def plot_curves_by_label(panels: Mapping[str, Mapping[str, Sequence[Curve]]], path: str | os.PathLike[str],
+                         title: str | None = None) -> Path:
+    """One panel per metric, one line per label: the mean over that label's runs, shaded from min to max.
+
+    Args:
+        panels: panel title -> label -> the label's runs (e.g. one per seed), each a list of
+            ``(epoch, value)`` pairs. Runs may cover different epochs (an E-step metric starts after
+            the warm-up); each epoch is averaged over the runs that have it.
+        path: where to write the PNG.
+        title: optional figure title.
+    """
+    names = [name for name, by_label in panels.items() if any(any(runs) for runs in by_label.values())]
+    if not names:
+        fig = Figure(figsize=(4, 2))
+        fig.text(0.5, 0.5, "no per-epoch metrics recorded", ha="center", va="center")
+        return _save(fig, path)
+    fig = Figure(figsize=(5.2 * len(names), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False).ravel()
+    for ax, name in zip(axes, names):
+        for label, runs in panels[name].items():
+            by_epoch: dict[int, list[float]] = {}
+            for run in runs:
+                for epoch, value in run:
+                    by_epoch.setdefault(int(epoch), []).append(float(value))
+            if not by_epoch:
+                continue
+            epochs = sorted(by_epoch)
+            vals = [np.asarray(by_epoch[e]) for e in epochs]
+            line, = ax.plot(epochs, [v.mean() for v in vals], marker="o", markersize=3, label=label)
+            if any(v.size > 1 for v in vals):
+                ax.fill_between(epochs, [v.min() for v in vals], [v.max() for v in vals],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
