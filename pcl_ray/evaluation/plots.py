@@ -140,6 +140,8 @@ def plot_curves_by_label(panels: Mapping[str, Mapping[str, Sequence[Curve]]], pa
         fig = Figure(figsize=(4, 2))
         fig.text(0.5, 0.5, "no per-epoch metrics recorded", ha="center", va="center")
         return _save(fig, path)
+    labels = list(dict.fromkeys(label for name in names for label in panels[name]))
+    colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per label in every panel
     fig = Figure(figsize=(5.2 * len(names), 3.6), layout="constrained")
     axes = fig.subplots(1, len(names), squeeze=False).ravel()
     for ax, name in zip(axes, names):
@@ -152,10 +154,10 @@ def plot_curves_by_label(panels: Mapping[str, Mapping[str, Sequence[Curve]]], pa
                 continue
             epochs = sorted(by_epoch)
             vals = [np.asarray(by_epoch[e]) for e in epochs]
-            line, = ax.plot(epochs, [v.mean() for v in vals], marker="o", markersize=3, label=label)
+            ax.plot(epochs, [v.mean() for v in vals], marker="o", markersize=3, label=label, color=colour[label])
             if any(v.size > 1 for v in vals):
                 ax.fill_between(epochs, [v.min() for v in vals], [v.max() for v in vals],
-                                color=line.get_color(), alpha=0.15, linewidth=0)
+                                color=colour[label], alpha=0.15, linewidth=0)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
