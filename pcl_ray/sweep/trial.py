@@ -73,9 +73,12 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     base = trial_run_name(spec["sweep"], trial_id)
     run_name, init_checkpoint, cloned_from = _resolve_start(spec, base)
     done = finished_run(cfg, run_name)
-    if done is not None and done.client.get_run(done.run_id).data.tags.get(STATUS_TAG) == "finished":
-        # The trial finished (MLflow run closed and tagged) but the sweep was interrupted before Tune
-        # recorded it: its results are all logged already, so a resume redoes nothing.
+    if done is not None:
+        # The trial finished (train() closes its MLflow run FINISHED only after training and evaluation)
+        # but the sweep was interrupted before Tune recorded it, maybe even before the status tag below
+        # was set: its results are all logged already, so a resume only completes the tag.
+        if done.client.get_run(done.run_id).data.tags.get(STATUS_TAG) != "finished":
+            done.set_tags({STATUS_TAG: "finished"})
         return
     tags = {SWEEP_TAG: spec["sweep"], TRIAL_TAG: trial_id, STATUS_TAG: "running"}
     if cloned_from:
