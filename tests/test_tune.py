@@ -285,6 +285,42 @@ def test_killed_trials_are_marked_in_mlflow(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["pcl_ray.trial_status"] == "finished"
 
 
+def test_a_trial_tune_never_saw_finish_is_ranked_from_its_mlflow_history(tmp_path, monkeypatch):
+    """A resume only completes the tags of a trial that finished before the interruption reached Tune:
+    Tune then holds no result for it, and its row takes the per-epoch metric from its MLflow run."""
+    import pandas as pd
+    import ray.tune
+
+    from pcl_ray.sweep import runner
+    from pcl_ray.sweep.trial import TRIAL_TAG
+    from pcl_ray.tracking import RunLogger
+
+    spec = _load()
+    metric = spec.tune.metric
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = spec.base_cfg.tracking.experiment
+    parent = RunLogger.start(uri, exp, "sweep")
+    seen = RunLogger.start(uri, exp, "sw-a", tags={TRIAL_TAG: "a"}, parent_run_id=parent.run_id)
+    unseen = RunLogger.start(uri, exp, "sw-b", tags={TRIAL_TAG: "b"}, parent_run_id=parent.run_id)
+    for epoch, (va, vb) in enumerate([(0.5, 0.6), (0.7, 0.9)], 1):
+        seen.log_metrics({metric: va}, step=epoch)
+        unseen.log_metrics({metric: vb}, step=epoch)
+    seen.end("FINISHED")
+    unseen.end("FINISHED")
+
+    class FakeAnalysis:
+        def __init__(self, *a, **k):
+            self.trials = [argparse.Namespace(trial_id=t, status="TERMINATED", config={}) for t in ("a", "b")]
+            self.trial_dataframes = {"a": pd.DataFrame({"training_iteration": [1, 2], "epoch": [1, 2],
+                                                        metric: [0.5, 0.7]}), "b": pd.DataFrame()}
+
+    monkeypatch.setattr(ray.tune, "ExperimentAnalysis", FakeAnalysis)
+    rows = runner.collect_rows(spec, tmp_path, parent)
+    assert [(r.trial_id, r.status, r.metric, r.epochs) for r in rows] == [("b", "finished", 0.9, 2),
+                                                                        ("a", "finished", 0.7, 2)]
+    assert rows[0].history == [(1, 0.6), (2, 0.9)]
+
+
 def test_table_plots_and_best_config_without_ray(tmp_path):
     from pcl_ray.sweep.report import TrialRow, plot_metric_curves, plot_metric_vs_params, rows_to_frame, sort_rows
     from pcl_ray.sweep.report import write_best_config

@@ -217,14 +217,20 @@ def collect_rows(spec: SweepSpec, sweep_dir: Path, logger: RunLogger) -> list[Tr
         tid = trial.trial_id
         df = dfs.get(tid)
         history = _metric_series(df, t.metric)
-        values = [v for _, v in history if v == v]
-        metric = None
-        if values:
-            metric = values[-1] if t.scope == "last" else (max(values) if t.mode == "max" else min(values))
         epochs = int(df["training_iteration"].max()) if df is not None and not df.empty and \
             "training_iteration" in df.columns else 0
         trial_runs = runs.get(tid, [])
         latest = trial_runs[-1] if trial_runs else None
+        if not history and latest is not None and latest.info.status == "FINISHED":
+            # finished before an interruption let Tune record its results (a resume then only completes
+            # the trial's tags): its per-epoch metric is in the MLflow run, logged with step = epoch
+            history = [(int(m.step), float(m.value)) for m in
+                       sorted(logger.client.get_metric_history(latest.info.run_id, t.metric), key=lambda m: m.step)]
+            epochs = max((e for e, _ in history), default=epochs)
+        values = [v for _, v in history if v == v]
+        metric = None
+        if values:
+            metric = values[-1] if t.scope == "last" else (max(values) if t.mode == "max" else min(values))
         if trial.status == "ERROR":
             status = "error"
         elif trial.status == "TERMINATED":
