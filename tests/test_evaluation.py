@@ -12,8 +12,10 @@ from pcl_ray.evaluation import (
     cluster_metrics,
     embed,
     hungarian_accuracy,
+    knn_accuracies,
     knn_accuracy,
     knn_predict,
+    knn_predict_many,
     plot_metric_curves,
     plot_prototype_stats,
     raw_pixel_features,
@@ -54,6 +56,24 @@ def test_knn_matches_bruteforce_reference(k: int, tau: float, batch_size: int) -
 
     acc = knn_accuracy(train, y_train, test, y_test, k=k, temperature=tau, batch_size=batch_size)
     assert acc == pytest.approx(float((expected == y_test).mean()))
+
+
+def test_knn_at_several_k_from_one_search_matches_the_reference_at_each() -> None:
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(300, 16)).astype(np.float32)
+    test = rng.normal(size=(90, 16)).astype(np.float32)
+    y_train = rng.integers(0, 5, size=300)
+    y_test = rng.integers(0, 5, size=90)
+    ks = [200, 1, 20, 20, 999]  # unsorted, a duplicate, one beyond N (clipped)
+    preds = knn_predict_many(train, y_train, test, ks, temperature=0.2, num_classes=5, batch_size=32)
+    assert list(preds) == [200, 1, 20, 999]
+    for k, got in preds.items():
+        np.testing.assert_array_equal(got, _knn_reference(train, y_train, test, min(k, 300), 0.2, 5))
+    accs = knn_accuracies(train, y_train, test, y_test, ks, temperature=0.2, batch_size=32)
+    assert accs == {k: pytest.approx(float((p == y_test).mean())) for k, p in preds.items()}
+    assert len({round(a, 6) for a in accs.values()}) > 1  # the k really differ
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        knn_predict_many(train, y_train, test, [])
 
 
 def test_knn_accepts_torch_tensors_and_clips_k() -> None:

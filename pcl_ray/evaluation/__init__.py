@@ -10,7 +10,7 @@ from pcl_ray.evaluation.embedding_plot import plot_embedding, tsne_2d
 from pcl_ray.evaluation.export import backbone_state_dict, export_backbone, export_embeddings, read_embeddings
 from pcl_ray.evaluation.features import embed, raw_pixel_features
 from pcl_ray.evaluation.finetune import FinetuneResult, balanced_subset, finetune_backbone
-from pcl_ray.evaluation.knn import knn_accuracy, knn_predict
+from pcl_ray.evaluation.knn import knn_accuracies, knn_accuracy, knn_predict, knn_predict_many
 from pcl_ray.evaluation.linear_probe import LinearProbeResult, fit_linear_probe
 from pcl_ray.evaluation.lowshot import LowShotResult, lowshot_svm
 from pcl_ray.evaluation.plots import plot_metric_curves, plot_prototype_stats
@@ -31,8 +31,10 @@ __all__ = [
     "finetune_backbone",
     "hungarian_accuracy",
     "kmeans_assign",
+    "knn_accuracies",
     "knn_accuracy",
     "knn_predict",
+    "knn_predict_many",
     "fit_linear_probe",
     "lowshot_svm",
     "parse_suites",

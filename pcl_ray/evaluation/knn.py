@@ -13,11 +13,13 @@ intermediate is a ``batch_size x N_train`` similarity block (about 250 MB for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["knn_accuracy", "knn_predict"]
+__all__ = ["knn_accuracies", "knn_accuracy", "knn_predict", "knn_predict_many"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -59,8 +61,27 @@ def knn_predict(
     The computation runs on the device of ``train_feats`` when it is a tensor,
     otherwise on the CPU, in float32.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    return knn_predict_many(train_feats, train_labels, test_feats, [k], temperature, num_classes, batch_size)[k]
+
+
+def knn_predict_many(
+    train_feats: ArrayLike,
+    train_labels: ArrayLike,
+    test_feats: ArrayLike,
+    ks: Sequence[int],
+    temperature: float = 0.1,
+    num_classes: int | None = None,
+    batch_size: int = 1024,
+) -> dict[int, np.ndarray]:
+    """:func:`knn_predict` at several neighbour counts at the cost of one.
+
+    Each block's similarities and their top-``max(ks)`` are computed once; the
+    neighbours of every smaller ``k`` are a prefix of that sorted list. Returns
+    ``{k: predictions}`` for every ``k`` in ``ks`` (each clipped to ``N``).
+    """
+    ks = list(dict.fromkeys(int(k) for k in ks))
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be >= 1, got {ks if ks else 'none'}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if batch_size < 1:
@@ -86,18 +107,21 @@ def knn_predict(
     n_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
     if int(labels.max()) >= n_classes:
         raise ValueError(f"train label {int(labels.max())} out of range for num_classes={n_classes}")
-    k = min(k, train.shape[0])
+    clipped = {k: min(k, train.shape[0]) for k in ks}
+    k_max = max(clipped.values())
 
-    preds = torch.empty(test.shape[0], dtype=torch.int64, device=device)
+    preds = {k: torch.empty(test.shape[0], dtype=torch.int64, device=device) for k in ks}
     with torch.no_grad():
         for start in range(0, test.shape[0], batch_size):
             block = F.normalize(test[start : start + batch_size], dim=1)
-            sims, idx = (block @ train.T).topk(k, dim=1)  # (B, k) each
+            sims, idx = (block @ train.T).topk(k_max, dim=1)  # (B, k_max) each, sorted by similarity
             weights = (sims / temperature).exp()
-            scores = torch.zeros(block.shape[0], n_classes, dtype=weights.dtype, device=device)
-            scores.scatter_add_(1, labels[idx], weights)
-            preds[start : start + block.shape[0]] = scores.argmax(dim=1)
-    return preds.cpu().numpy()
+            votes = labels[idx]
+            for k, kk in clipped.items():
+                scores = torch.zeros(block.shape[0], n_classes, dtype=weights.dtype, device=device)
+                scores.scatter_add_(1, votes[:, :kk], weights[:, :kk])
+                preds[k][start : start + block.shape[0]] = scores.argmax(dim=1)
+    return {k: p.cpu().numpy() for k, p in preds.items()}
 
 
 def knn_accuracy(
@@ -114,20 +138,30 @@ def knn_accuracy(
 
     ``num_classes`` defaults to one more than the largest label in either split.
     """
+    return knn_accuracies(train_feats, train_labels, test_feats, test_labels, [k], temperature, num_classes,
+                          batch_size)[k]
+
+
+def knn_accuracies(
+    train_feats: ArrayLike,
+    train_labels: ArrayLike,
+    test_feats: ArrayLike,
+    test_labels: ArrayLike,
+    ks: Sequence[int],
+    temperature: float = 0.1,
+    num_classes: int | None = None,
+    batch_size: int = 1024,
+) -> dict[int, float]:
+    """:func:`knn_accuracy` at every ``k`` of ``ks``, from one neighbour search (:func:`knn_predict_many`)."""
     y_test = _to_numpy(test_labels).astype(np.int64, copy=False)
     if y_test.ndim != 1 or y_test.size == 0:
         raise ValueError(f"test_labels must be a non-empty 1-D array, got shape {y_test.shape}")
     if num_classes is None:
         num_classes = max(int(_to_numpy(train_labels).max()), int(y_test.max())) + 1
-    preds = knn_predict(
-        train_feats,
-        train_labels,
-        test_feats,
-        k=k,
-        temperature=temperature,
-        num_classes=num_classes,
-        batch_size=batch_size,
-    )
-    if preds.shape != y_test.shape:
-        raise ValueError(f"{preds.shape[0]} test features but {y_test.shape[0]} test labels")
-    return float((preds == y_test).mean())
+    preds = knn_predict_many(train_feats, train_labels, test_feats, ks, temperature, num_classes, batch_size)
+    out = {}
+    for k, p in preds.items():
+        if p.shape != y_test.shape:
+            raise ValueError(f"{p.shape[0]} test features but {y_test.shape[0]} test labels")
+        out[k] = float((p == y_test).mean())
+    return out

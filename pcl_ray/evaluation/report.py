@@ -13,7 +13,7 @@ from ..data import ViewMaker, iterate_batches, load_split
 from ..models import Encoder, build_encoder
 from .clustering import cluster_metrics
 from .features import raw_pixel_features
-from .knn import knn_accuracy
+from .knn import knn_accuracies
 from .lowshot import lowshot_svm
 
 
@@ -45,11 +45,9 @@ def embed_split(enc: Encoder, ds, views: ViewMaker, batch_size: int = 512) -> di
 
 
 def _row(train_x, train_y, test_x, test_y, cfg: ExperimentConfig, num_classes: int) -> dict[str, float]:
-    row = {"knn_acc": knn_accuracy(train_x, train_y, test_x, test_y, k=cfg.eval.knn_k,
-                                   temperature=cfg.eval.knn_temperature, num_classes=num_classes)}
-    for k in cfg.eval.knn_extra_k:
-        row[f"knn{k}_acc"] = knn_accuracy(train_x, train_y, test_x, test_y, k=k,
-                                          temperature=cfg.eval.knn_temperature, num_classes=num_classes)
+    accs = knn_accuracies(train_x, train_y, test_x, test_y, [cfg.eval.knn_k, *cfg.eval.knn_extra_k],
+                          temperature=cfg.eval.knn_temperature, num_classes=num_classes)
+    row = {"knn_acc": accs[cfg.eval.knn_k], **{f"knn{k}_acc": accs[k] for k in cfg.eval.knn_extra_k}}
     cm = cluster_metrics(test_x, test_y, num_clusters=num_classes, restarts=cfg.eval.kmeans_restarts, seed=cfg.train.seed)
     row.update({k: float(v) for k, v in cm.items()})
     e = cfg.eval

@@ -48,7 +48,7 @@ from .embedding_plot import plot_embedding
 from .export import export_backbone, export_embeddings
 from .features import embed
 from .finetune import finetune_backbone
-from .knn import knn_accuracy
+from .knn import knn_accuracies
 from .linear_probe import fit_linear_probe
 from .lowshot import lowshot_svm
 
@@ -144,12 +144,9 @@ class _Context:
 def _knn(ctx: _Context) -> dict[str, float]:
     (xtr, ytr), (xte, yte) = ctx.labelled("train"), ctx.labelled("test")
     e = ctx.cfg.eval
-    out = {"acc": knn_accuracy(xtr, ytr, xte, yte, k=e.knn_k, temperature=e.knn_temperature,
-                               num_classes=ctx.num_classes)}
-    for k in e.knn_extra_k:
-        out[f"acc_k{k}"] = knn_accuracy(xtr, ytr, xte, yte, k=k, temperature=e.knn_temperature,
-                                        num_classes=ctx.num_classes)
-    return out
+    accs = knn_accuracies(xtr, ytr, xte, yte, [e.knn_k, *e.knn_extra_k], temperature=e.knn_temperature,
+                          num_classes=ctx.num_classes)
+    return {"acc": accs[e.knn_k], **{f"acc_k{k}": accs[k] for k in e.knn_extra_k}}
 
 
 def _linear(ctx: _Context) -> dict[str, float]:
