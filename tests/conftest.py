@@ -19,7 +19,10 @@ for _k, _v in {
 def ray_local():
     import ray
 
+    from pcl_ray.distributed.trainer import loopback_only
+
     if not ray.is_initialized():
+        loopback_only()  # as the product's own local Ray: every port on 127.0.0.1
         ray.init(num_cpus=2, object_store_memory=384 * 1024 * 1024, include_dashboard=False)
     yield ray
     ray.shutdown()

@@ -18,6 +18,21 @@ from .worker import STATE_FILE, train_loop
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
 
 
+def loopback_only() -> None:
+    """Make the local Ray instance about to start listen on 127.0.0.1 only.
+
+    Ray binds its gRPC servers (GCS, raylet, object manager, workers) and agents to the loopback
+    address when the node's IP is the loopback address, which it picks when multi-node clusters are
+    switched off (Ray's own default on macOS and Windows). The processes Ray starts read the switch
+    from the environment; this driver has imported Ray already, so its constant is set as well. A run
+    that attaches to a cluster (``ray.address``) never calls this.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(cfg: ExperimentConfig, resources: dict[str, float] | None = None, pin_address: bool = False) -> None:
     """Attach to ``ray.address`` or start a local Ray (dashboard on 127.0.0.1).
 
@@ -35,8 +50,9 @@ def init_ray(cfg: ExperimentConfig, resources: dict[str, float] | None = None, p
         ray.init(address=cfg.ray.address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # Local runs keep Ray's token auth (its gRPC ports listen on every interface) and put the dashboard
-    # on 127.0.0.1: Ray Train's placement-group cleaner needs the State API it serves.
+    loopback_only()
+    # Local runs keep Ray's token auth and put the dashboard on 127.0.0.1 too: Ray Train's
+    # placement-group cleaner needs the State API it serves.
     kwargs: dict[str, Any] = {"num_cpus": os.cpu_count(), "include_dashboard": True, "dashboard_host": "127.0.0.1"}
     if cfg.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
