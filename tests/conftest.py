@@ -19,7 +19,7 @@ for _k, _v in {
 def ray_local():
     import ray
 
-    from pcl_ray.distributed.trainer import loopback_only
+    from pcl_ray.distributed.loopback import loopback_only
 
     if not ray.is_initialized():
         loopback_only()  # as the product's own local Ray: every port on 127.0.0.1

@@ -1,4 +1,5 @@
-"""The local Ray that `train`, `compare` and `tune` start listens on the loopback address only."""
+"""The local Ray that `train`, `compare` and `tune` start, and its Train workers' torch.distributed
+process group (rendezvous store, gloo), listen on the loopback address only."""
 
 from __future__ import annotations
 
@@ -15,22 +16,42 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = r"""
-import json, os, time
+import json, os, sys, tempfile, threading, time
+from pathlib import Path
 import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from pcl_ray.config import load_config
+from pcl_ray.distributed.loopback import LoopbackTorchConfig
 from pcl_ray.distributed.trainer import init_ray
 
 init_ray(load_config("pipelines/digits_tiny.yaml"))
+tmp = Path(tempfile.mkdtemp())
 
-@ray.remote
-def ping():
-    return os.getpid()
+def loop(config):
+    import torch, torch.distributed as dist
+    t = torch.ones(1)
+    dist.all_reduce(t)  # the process group works
+    rank = dist.get_rank()
+    (Path(config["tmp"]) / f"rank{rank}").write_text(json.dumps({"pid": os.getpid(), "sum": float(t)}))
+    while not (Path(config["tmp"]) / "release").exists():  # stay up while the test reads the sockets
+        time.sleep(0.2)
 
-worker = ray.get(ping.remote())  # a worker process is up, with its own gRPC server
-time.sleep(3)  # the agents come up after ray.init returns
-print("PROBE" + json.dumps({"driver": os.getpid(), "worker": worker,
+trainer = TorchTrainer(loop, train_loop_config={"tmp": str(tmp)}, torch_config=LoopbackTorchConfig(),
+                       scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                       run_config=RunConfig(name="probe", storage_path=str(tmp / "runs")))
+fit = threading.Thread(target=trainer.fit)
+fit.start()
+while not all((tmp / f"rank{r}").exists() for r in (0, 1)):
+    time.sleep(0.2)
+    assert fit.is_alive(), "training ended before both ranks came up"
+ranks = [json.loads((tmp / f"rank{r}").read_text()) for r in (0, 1)]
+time.sleep(1)  # the agents come up after ray.init returns
+print("PROBE" + json.dumps({"driver": os.getpid(), "ranks": ranks,
                              "gcs": ray.get_runtime_context().gcs_address}), flush=True)
 input()  # the test reads the sockets now, then lets go
+(tmp / "release").write_text("")
+fit.join()
 ray.shutdown()
 """
 
@@ -87,7 +108,7 @@ def _loopback(ip: str) -> bool:
 
 @pytest.mark.ray
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc (Linux)")
-def test_the_local_ray_listens_on_loopback_only():
+def test_the_local_ray_and_its_train_workers_listen_on_loopback_only():
     proc = subprocess.Popen([sys.executable, "-c", PROBE], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -97,7 +118,10 @@ def test_the_local_ray_listens_on_loopback_only():
             assert line, proc.stderr.read()[-3000:]
         probe = json.loads(line[len("PROBE"):])
         pids = _descendants(probe["driver"])
-        assert probe["worker"] in pids  # the worker processes are the driver's descendants
+        workers = [r["pid"] for r in probe["ranks"]]
+        assert set(workers) <= pids  # the Train workers are the driver's descendants
+        assert [r["sum"] for r in probe["ranks"]] == [2.0, 2.0]  # all_reduce over the two ranks
+        own = {pid: _listening({pid}) for pid in workers}
         listening = _listening(pids)
         proc.communicate("\n", timeout=120)
     finally:
@@ -105,6 +129,14 @@ def test_the_local_ray_listens_on_loopback_only():
             proc.kill()
     names = {name for name, _, _ in listening}
     assert "raylet" in names and "gcs_server" in names, listening
+    assert all(own.values()), own  # each Train worker listens (gRPC, gloo; rank 0 the rendezvous store)
     exposed = [x for x in listening if not _loopback(x[1])]
     assert exposed == [], f"listening beyond the loopback address: {exposed}"
     assert probe["gcs"].startswith("127.0.0.1:")
+
+
+def test_loopback_addresses_are_told_apart():
+    from pcl_ray.distributed.loopback import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.1.1", "::1", "::ffff:127.0.0.1", "localhost"))
+    assert not any(is_loopback(h) for h in ("192.0.2.2", "10.0.0.7", "::", "0.0.0.0", "head-node"))

@@ -13,24 +13,10 @@ from ray.train.torch import TorchTrainer
 
 from ..config import ExperimentConfig
 from .cluster_actor import start_cluster_actor
+from .loopback import LoopbackTorchConfig, loopback_only
 from .worker import STATE_FILE, train_loop
 
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
-
-
-def loopback_only() -> None:
-    """Make the local Ray instance about to start listen on 127.0.0.1 only.
-
-    Ray binds its gRPC servers (GCS, raylet, object manager, workers) and agents to the loopback
-    address when the node's IP is the loopback address, which it picks when multi-node clusters are
-    switched off (Ray's own default on macOS and Windows). The processes Ray starts read the switch
-    from the environment; this driver has imported Ray already, so its constant is set as well. A run
-    that attaches to a cluster (``ray.address``) never calls this.
-    """
-    from ray._private import ray_constants
-
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def init_ray(cfg: ExperimentConfig, resources: dict[str, float] | None = None, pin_address: bool = False) -> None:
@@ -131,6 +117,7 @@ def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: i
                                     num_cpus=cfg.ray.actor_cpus, num_gpus=gpus, labels=labels)
     trainer = TorchTrainer(
         train_loop,
+        torch_config=LoopbackTorchConfig(),  # on a local Ray: the rendezvous store on 127.0.0.1 too
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "run_name": run_name,
