@@ -10,8 +10,9 @@ Two pieces, both used only when this process starts its own Ray (never with ``ra
   loopback address, rank 0 serves torch.distributed's rendezvous store (a ``TCPStore``) from a socket
   bound to 127.0.0.1. torch's own ``env://`` rendezvous binds that store to every interface and has
   no bind-address option; ``TCPStore(master_listen_fd=...)`` takes a socket bound beforehand. gloo's
-  own connections go through the loopback interface (``GLOO_SOCKET_IFNAME``, unless set). On any
-  other node (a real cluster) it is Ray's backend unchanged.
+  own connections and NCCL's bootstrap go through the loopback interface (``GLOO_SOCKET_IFNAME`` /
+  ``NCCL_SOCKET_IFNAME``, unless set; the NCCL path is untested here, no GPU). On any other node (a
+  real cluster) it is Ray's backend unchanged.
 """
 
 from __future__ import annotations
@@ -77,12 +78,14 @@ def _init_process_group(backend: str, world_rank: int, world_size: int, port: in
     if backend == "nccl":  # as Ray Train does: fail on a hung collective instead of waiting forever
         if "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
             os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
-    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
-        # gloo's pairs listen on the address the host name resolves to unless told the interface
+    # gloo's pairs listen on the address the host name resolves to, and NCCL's bootstrap on the first
+    # non-loopback interface, unless told the interface
+    ifname_var = {"gloo": "GLOO_SOCKET_IFNAME", "nccl": "NCCL_SOCKET_IFNAME"}[backend]
+    if ifname_var not in os.environ:
         names = {name for _, name in socket.if_nameindex()}
         ifname = next((n for n in ("lo", "lo0") if n in names), None)
         if ifname:
-            os.environ["GLOO_SOCKET_IFNAME"] = ifname
+            os.environ[ifname_var] = ifname
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = LOOPBACK, str(port)
     timeout = timedelta(seconds=timeout_s)
     store = _STORE["store"] if world_rank == 0 else dist.TCPStore(LOOPBACK, port, world_size, False, timeout)
