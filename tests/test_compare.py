@@ -32,6 +32,15 @@ def test_shipped_compare_pipelines_resolve_with_identical_conditions():
         assert with_pixels == sorted((spec.entries[0].label, s) for s in spec.seeds)
 
 
+def test_every_shipped_compare_pipeline_validates():
+    paths = sorted((ROOT / "pipelines").glob("*.yaml"))
+    compares = [p for p in paths if "\ncompare:" in "\n" + p.read_text()]  # a top-level compare section
+    assert len(compares) >= 8
+    for path in compares:
+        spec, configs = load_compare(path, [])
+        assert len(configs) == len(spec.entries) * len(spec.seeds), path.name
+
+
 def test_differing_budget_is_rejected_naming_the_key(tmp_path):
     p = _write(tmp_path, f"""compare:
   entries:
