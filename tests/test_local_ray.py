@@ -3,7 +3,6 @@ process group (rendezvous store, gloo), listen on the loopback address only."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import socket
 import struct
@@ -74,8 +73,8 @@ def _descendants(root: int) -> set[int]:
     return out
 
 
-def _listening(pids: set[int]) -> list[tuple[str, str, int]]:
-    """(process name, address, port) of every listening TCP socket of ``pids``, from /proc."""
+def _listening(pids: set[int]) -> list[tuple[int, str, str, int]]:
+    """(pid, process name, address, port) of every listening TCP socket of ``pids``, from /proc."""
     owner = {}
     for pid in pids:
         try:
@@ -95,15 +94,9 @@ def _listening(pids: set[int]) -> list[tuple[str, str, int]]:
             raw = bytes.fromhex(hex_ip)
             raw = b"".join(struct.pack("<I", w) for w in struct.unpack(f">{len(raw) // 4}I", raw))
             ip = socket.inet_ntop(family, raw)
-            name = Path(f"/proc/{owner[int(f[9])]}/comm").read_text().strip()
-            found.append((name, ip, int(hex_port, 16)))
+            pid = owner[int(f[9])]
+            found.append((pid, Path(f"/proc/{pid}/comm").read_text().strip(), ip, int(hex_port, 16)))
     return found
-
-
-def _loopback(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip)
-    mapped = getattr(addr, "ipv4_mapped", None)
-    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 @pytest.mark.ray
@@ -121,16 +114,18 @@ def test_the_local_ray_and_its_train_workers_listen_on_loopback_only():
         workers = [r["pid"] for r in probe["ranks"]]
         assert set(workers) <= pids  # the Train workers are the driver's descendants
         assert [r["sum"] for r in probe["ranks"]] == [2.0, 2.0]  # all_reduce over the two ranks
-        own = {pid: _listening({pid}) for pid in workers}
         listening = _listening(pids)
         proc.communicate("\n", timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    names = {name for name, _, _ in listening}
+    from pcl_ray.distributed.loopback import is_loopback
+
+    names = {name for _, name, _, _ in listening}
     assert "raylet" in names and "gcs_server" in names, listening
+    own = {pid: [x for x in listening if x[0] == pid] for pid in workers}
     assert all(own.values()), own  # each Train worker listens (gRPC, gloo; rank 0 the rendezvous store)
-    exposed = [x for x in listening if not _loopback(x[1])]
+    exposed = [x for x in listening if not is_loopback(x[2])]
     assert exposed == [], f"listening beyond the loopback address: {exposed}"
     assert probe["gcs"].startswith("127.0.0.1:")
 
