@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=3 (repeatable; values are YAML)")
     t.add_argument("--resume", nargs="?", const="__latest__", default=None, metavar="RUN_NAME",
-                   help="resume a run from its latest checkpoint (default: the most recent run)")
+                   help="resume a run from its latest checkpoint (default: the latest run of this pipeline)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     from .tune import add_tune_parser
@@ -167,8 +167,14 @@ def _print_results(outcome) -> None:
     console.print(f"MLflow run {outcome.mlflow_run_id} ({outcome.tracking_uri})")
 
 
+def pipeline_label(pipeline: str | None) -> str | None:
+    """How the run registry names a pipeline: its file name without the folder (the same on every node)."""
+    return Path(pipeline).stem if pipeline else None
+
+
 def cmd_train(args) -> int:
-    from .workflow import latest_run_name, storage_root, train
+    from .registry import check_name, run_exists
+    from .workflow import latest_run_name, run_storage, train
 
     cfg = load_config(args.pipeline, args.overrides)
     if args.print_config:
@@ -177,13 +183,20 @@ def cmd_train(args) -> int:
         print(dump_config(cfg))
         return 0
     run_name = None
+    label = pipeline_label(args.pipeline)
     if args.resume:
-        run_name = args.resume
-        if run_name == "__latest__":
-            run_name = latest_run_name(storage_root(cfg))
+        storage = run_storage(cfg)
+        if args.resume == "__latest__":
+            run_name = latest_run_name(storage, label)
             if run_name is None:
-                raise ConfigError(f"--resume: no earlier run under {storage_root(cfg)}")
-    outcome = train(cfg, run_name=run_name)
+                raise ConfigError(f"--resume: no earlier run of pipeline {label!r} under {storage.uri}")
+        else:
+            run_name = check_name(args.resume, "--resume")
+            if not run_exists(storage, run_name):
+                raise ConfigError(f"--resume: no run named {run_name!r} under {storage.uri} "
+                                  "(without a name, --resume continues the latest run of this pipeline)")
+        print(f"[pcl-ray] resuming run {run_name}")
+    outcome = train(cfg, run_name=run_name, pipeline=label)
     _print_results(outcome)
     return 0
 

@@ -129,14 +129,24 @@ class TrainConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str | None = Field(None, description="None = start a local Ray; 'auto' or ray://... to attach")
+    address: str | None = Field(
+        None, description="None = attach when RAY_ADDRESS is set (inside `ray job submit`), else start a local "
+                          "Ray; 'auto', HOST:PORT or ray://HOST:PORT to attach")
+    connect_timeout_s: float = Field(30.0, gt=0.0, description="how long to try reaching ray.address")
     num_workers: int = Field(2, gt=0)
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0.0)
     actor_cpus: float = Field(0.0, ge=0.0, description="logical CPUs reserved for the cluster actor")
-    storage_path: str | None = Field(None, description="None = <project>/runs")
+    storage_path: str | None = Field(
+        None, description="where runs persist: a local folder, file:///shared/mount, s3://bucket/prefix or "
+                          "gs://bucket/prefix (None = <project>/runs); a multi-node cluster needs a URI")
+    storage_endpoint: str | None = Field(
+        None, description="S3 endpoint override for S3-compatible stores, e.g. http://10.0.0.1:9000 "
+                          "(None = AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)")
     run_name: str | None = None
-    max_failures: int = Field(0, ge=0)
+    max_failures: int | None = Field(
+        None, ge=0, description="Train worker-group restarts from the last checkpoint; None = 0 on a local Ray, "
+                                "3 when attached to a cluster (preemptions, lost nodes)")
     object_store_memory_mb: int | None = Field(None, gt=0, description="local Ray only")
 
 

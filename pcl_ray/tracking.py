@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,59 @@ def default_tracking_uri() -> str:
 
 def resolve_uri(uri: str | None) -> str:
     return uri or default_tracking_uri()
+
+
+def redact(uri: str | None) -> str:
+    """``uri`` with any password replaced by ``***`` (for messages, params and saved configs)."""
+    if not uri:
+        return str(uri)
+    return re.sub(r"(://[^/@:\s]*):[^/@\s]*@", r"\1:***@", str(uri))
+
+
+def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
+    """Refuse an unusable ``tracking.uri`` before a run starts: a server that does not answer, an unknown
+    scheme, a sqlite file that is not a database. Raises ConfigError naming ``tracking.uri``."""
+    import sqlite3
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from .config import ConfigError
+
+    scheme = urlparse(uri).scheme.lower()
+    shown = redact(uri)
+    if scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+                if reply.status >= 400:
+                    raise OSError(f"HTTP {reply.status}")
+        except (OSError, urllib.error.URLError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ConfigError(f"tracking.uri: no MLflow tracking server answers at {shown} within "
+                              f"{timeout_s:g}s ({reason})") from None
+        return
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if not path:
+            raise ConfigError(f"tracking.uri: expected sqlite:////ABSOLUTE/PATH.db, got {shown}")
+        db = Path(path)
+        if db.exists():
+            try:
+                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout_s) as con:
+                    con.execute("select name from sqlite_master limit 1").fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise ConfigError(f"tracking.uri: {shown} is not a usable sqlite database ({exc})") from None
+        elif not db.parent.is_dir():
+            try:
+                db.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"tracking.uri: cannot create the folder of {shown} ({exc.strerror})") from None
+        return
+    if scheme in ("postgresql", "mysql", "mssql", "databricks", "file") or scheme.startswith(("postgresql+", "mysql+")):
+        return  # MLflow's own stores: their client reports their errors
+    raise ConfigError(f"tracking.uri: unsupported scheme in {shown}; expected http(s)://HOST:PORT (an MLflow "
+                      "server), sqlite:////ABSOLUTE/PATH.db or a database URI")
 
 
 def ensure_experiment(uri: str, name: str) -> str:

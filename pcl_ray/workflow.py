@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import tempfile
 import time
@@ -14,7 +14,9 @@ import torch
 
 from .config import ConfigError, ExperimentConfig, dump_config
 from .signals import sigterm_as_interrupt
-from .tracking import PROJECT_DIR, RunLogger, resolve_uri
+from .registry import RunRecord, check_name, final_state_rel, latest_run, load_record, save_record
+from .storage import Storage
+from .tracking import RunLogger, redact, resolve_uri
 
 
 @dataclass
@@ -22,57 +24,56 @@ class TrainOutcome:
     run_name: str
     mlflow_run_id: str
     tracking_uri: str
-    state_path: Path | None
+    state_path: str | None  # where <run>/final_state.pt lives in the storage (a path or a URI)
     eval: dict[str, dict[str, Any]] = field(default_factory=dict)
     final_metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def run_storage(cfg: ExperimentConfig) -> Storage:
+    """The storage root of ``cfg`` (``ray.storage_path``), see :mod:`pcl_ray.storage`."""
+    return Storage.from_config(cfg)
+
+
 def storage_root(cfg: ExperimentConfig) -> Path:
-    root = Path(cfg.ray.storage_path) if cfg.ray.storage_path else PROJECT_DIR / "runs"
-    root = root.expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    """The storage root as a local folder, for the verbs that still write only to a local disk."""
+    storage = run_storage(cfg)
+    if not storage.on_local_disk:
+        raise ConfigError(f"ray.storage_path: {storage.uri} is an object store; this verb writes its outputs to a "
+                          "local folder or a shared mount only (a local path or file:///...)")
+    return storage.local_path()
 
 
-def latest_run_name(root: Path) -> str | None:
-    """Name of the most recently started run under ``root`` (for ``--resume`` without a name)."""
-    meta = sorted((root / ".pcl_ray").glob("*.json"), key=lambda p: p.stat().st_mtime)
-    return meta[-1].stem if meta else None
+def latest_run_name(storage: Storage, pipeline: str | None = None) -> str | None:
+    """Name of the most recently started run (of ``pipeline`` when given), for ``--resume`` without a name."""
+    return latest_run(storage, pipeline)
 
 
-def _run_meta(root: Path, run_name: str) -> Path:
-    d = root / ".pcl_ray"
-    d.mkdir(exist_ok=True)
-    return d / f"{run_name}.json"
-
-
-def _open_mlflow_run(cfg: ExperimentConfig, root: Path, run_name: str, parent_run_id: str | None) -> RunLogger:
+def _open_mlflow_run(cfg: ExperimentConfig, storage: Storage, run_name: str, parent_run_id: str | None,
+                     pipeline: str | None = None) -> RunLogger:
     """Start the run's MLflow run, or reopen it when this ``run_name`` is being resumed."""
     uri = resolve_uri(cfg.tracking.uri)
-    meta = _run_meta(root, run_name)
-    if meta.exists():
-        saved = json.loads(meta.read_text())
-        if saved.get("tracking_uri") == uri:
-            logger = RunLogger(uri, saved["mlflow_run_id"])
-            logger.client.update_run(logger.run_id, status="RUNNING")
-            return logger
+    saved = load_record(storage, run_name)
+    if saved is not None and saved.tracking_uri == uri:
+        logger = RunLogger(uri, saved.mlflow_run_id)
+        logger.client.update_run(logger.run_id, status="RUNNING")
+        return logger
     logger = RunLogger.start(uri, cfg.tracking.experiment, cfg.tracking.run_name or run_name,
-                             tags={"pcl_ray.run_name": run_name, "pcl_ray.method": cfg.method.name},
+                             tags={"pcl_ray.run_name": run_name, "pcl_ray.method": cfg.method.name,
+                                   "pcl_ray.storage": storage.uri_of(run_name),
+                                   **({"pcl_ray.pipeline": pipeline} if pipeline else {})},
                              parent_run_id=parent_run_id)
-    meta.write_text(json.dumps({"mlflow_run_id": logger.run_id, "tracking_uri": uri}))
+    save_record(storage, RunRecord(run_name=run_name, mlflow_run_id=logger.run_id, tracking_uri=uri,
+                                   pipeline=pipeline))
     return logger
 
 
 def finished_run(cfg: ExperimentConfig, run_name: str) -> RunLogger | None:
     """The MLflow run of ``run_name`` when an earlier start of it already ended FINISHED, else None."""
     uri = resolve_uri(cfg.tracking.uri)
-    meta = _run_meta(storage_root(cfg), run_name)
-    if not meta.exists():
+    saved = load_record(run_storage(cfg), run_name)
+    if saved is None or saved.tracking_uri != uri:
         return None
-    saved = json.loads(meta.read_text())
-    if saved.get("tracking_uri") != uri:
-        return None
-    logger = RunLogger(uri, saved["mlflow_run_id"])
+    logger = RunLogger(uri, saved.mlflow_run_id)
     return logger if logger.client.get_run(logger.run_id).info.status == "FINISHED" else None
 
 
@@ -80,27 +81,60 @@ def default_run_name(cfg: ExperimentConfig) -> str:
     return f"{cfg.method.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: str | None = None,
-          log=print, callbacks: list | None = None, tags: dict[str, str] | None = None,
-          init_checkpoint: str | None = None) -> TrainOutcome:
-    from .data import load_split
-    from .distributed.trainer import fit, init_ray
-    from .evaluation.report import evaluate
-    from .methods import METHODS
-
-    run_name = run_name or cfg.ray.run_name or default_run_name(cfg)
-    # Check what can be checked before anything is written: the data loads, every k fits.
-    train_labels = load_split(cfg.data, "train").labels  # for monitoring only (estep/k*/ami_labels)
-    num_samples = len(train_labels)
+def preflight(cfg: ExperimentConfig, num_samples: int) -> None:
+    """What the config and the data decide alone, checked before anything starts."""
     if cfg.needs_estep:
         too_big = [k for k in cfg.estep.num_clusters if k >= num_samples]
         if too_big:
             raise ConfigError(f"estep.num_clusters: {too_big} must be below the {num_samples} training images")
-    root = storage_root(cfg)
-    logger = _open_mlflow_run(cfg, root, run_name, parent_run_id)
+    if cfg.train.batch_size > num_samples:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the {num_samples} training "
+                          "images")
+
+
+def connect(cfg: ExperimentConfig, storage: Storage, tracking_uri: str) -> bool:
+    """Start or attach to Ray and check that the cluster can reach the storage and the tracking store.
+
+    Returns True when the run is on a cluster (attached, or more than one node). Every check raises
+    ConfigError before anything of the run is written.
+    """
+    from .distributed.connect import alive_nodes, attach_address, check_multi_node, check_resources
+    from .distributed.trainer import init_ray, use_gpu
+    from .tracking import check_tracking
+
+    check_tracking(tracking_uri)
+    attached = attach_address(cfg) is not None
+    started_local = init_ray(cfg)
+    sigterm_as_interrupt()  # ray.init replaced the handler with a plain exit
+    nodes = alive_nodes()
+    check_multi_node(cfg, storage, tracking_uri, nodes)
+    if started_local:
+        check_resources(cfg, use_gpu(cfg), attached=False)
+    storage.check_writable()
+    return attached or nodes > 1
+
+
+def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: str | None = None,
+          log=print, callbacks: list | None = None, tags: dict[str, str] | None = None,
+          init_checkpoint: str | None = None, pipeline: str | None = None) -> TrainOutcome:
+    from .data import load_split
+    from .distributed.trainer import fit
+    from .evaluation.report import evaluate
+    from .methods import METHODS
+
+    run_name = check_name(run_name or cfg.ray.run_name or default_run_name(cfg), "ray.run_name")
+    # Check what can be checked before anything is written: the data loads, every k fits, the cluster
+    # reaches the storage and the tracking store.
+    train_labels = load_split(cfg.data, "train").labels  # for monitoring only (estep/k*/ami_labels)
+    num_samples = len(train_labels)
+    preflight(cfg, num_samples)
+    storage = run_storage(cfg)
+    on_cluster = connect(cfg, storage, resolve_uri(cfg.tracking.uri))
+    logger = _open_mlflow_run(cfg, storage, run_name, parent_run_id, pipeline)
     if tags:
         logger.set_tags(tags)
-    log(f"[pcl-ray] run {run_name}: MLflow run {logger.run_id} at {logger.tracking_uri}")
+    log(f"[pcl-ray] run {run_name}: storage {storage.uri_of(run_name)}, MLflow run {logger.run_id} at "
+        f"{redact(logger.tracking_uri)}")
     logger.log_params(cfg.flat())
     status = "FAILED"
     try:
@@ -108,19 +142,19 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
             cfg_file = Path(tmp) / "config.yaml"
             cfg_file.write_text(dump_config(cfg))
             logger.log_artifact(cfg_file)
-        init_ray(cfg)
-        sigterm_as_interrupt()  # ray.init replaced the handler with a plain exit
         logger.log_params(METHODS[cfg.method.name].run_params(cfg))
-        outcome = fit(cfg, run_name, root, num_samples, logger.spec(), labels=train_labels, callbacks=callbacks,
-                      init_checkpoint=init_checkpoint)
+        outcome = fit(cfg, run_name, storage, num_samples, logger.spec(), labels=train_labels, callbacks=callbacks,
+                      init_checkpoint=init_checkpoint, attached=on_cluster)
         if outcome.result.error is not None:
             raise outcome.result.error
         logger.log_params({"estep.backend_used": "faiss-gpu" if outcome.backend_gpus else "faiss-cpu"}
                           if cfg.needs_estep else {})
         result = TrainOutcome(run_name, logger.run_id, logger.tracking_uri, outcome.state_path,
                               final_metrics=dict(outcome.result.metrics or {}))
-        state = (torch.load(outcome.state_path, map_location="cpu", weights_only=True)
-                 if outcome.state_path is not None else None)
+        state = None
+        if outcome.state_path is not None:
+            raw = storage.read_bytes(final_state_rel(run_name))
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         _log_training_artifacts(logger, outcome, state)
         if cfg.eval.enabled and state is not None:
             torch.set_num_threads(os.cpu_count() or 1)

@@ -239,7 +239,7 @@ def test_a_trial_finished_before_an_interruption_is_not_rerun(tmp_path, monkeypa
 
     cfg = load_config(SMOKE, [f"ray.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'db'}"])
     assert workflow.finished_run(cfg, "smoke-t1") is None  # never started
-    logger = workflow._open_mlflow_run(cfg, workflow.storage_root(cfg), "smoke-t1", None)
+    logger = workflow._open_mlflow_run(cfg, workflow.run_storage(cfg), "smoke-t1", None)
     assert workflow.finished_run(cfg, "smoke-t1") is None  # started, still running
 
     calls = []

@@ -12,15 +12,20 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ..config import ExperimentConfig
+from ..registry import final_state_rel
+from ..storage import Storage
 from .cluster_actor import start_cluster_actor
+from .connect import OWN_ADDRESSES, attach_address, check_reachable
 from .loopback import LoopbackTorchConfig, loopback_only
 from .worker import STATE_FILE, train_loop
 
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
 
 
-def init_ray(cfg: ExperimentConfig, resources: dict[str, float] | None = None, pin_address: bool = False) -> None:
-    """Attach to ``ray.address`` or start a local Ray (dashboard on 127.0.0.1).
+def init_ray(cfg: ExperimentConfig, resources: dict[str, float] | None = None, pin_address: bool = False) -> bool:
+    """Attach to a cluster (``ray.address``, else ``RAY_ADDRESS``) or start a local Ray (dashboard on 127.0.0.1).
+
+    Returns True when this call started a new local Ray, False when it attached or Ray was already up.
 
     ``resources``: custom resources of the local node (the tune verb declares its ``train_driver_slot``s).
     ``pin_address``: start the local GCS on a chosen port and export it as ``RAY_ADDRESS`` to every Ray
@@ -29,17 +34,21 @@ def init_ray(cfg: ExperimentConfig, resources: dict[str, float] | None = None, p
     of a stopped trial then leaks and the next trial waits for CPUs forever. Sweeps stop trials on purpose.
     """
     if ray.is_initialized():
-        return
+        return False
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-        return
+    address = attach_address(cfg)
+    if address:
+        check_reachable(address, cfg.ray.connect_timeout_s)
+        ray.init(address=address, log_to_driver=True)
+        return False
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     loopback_only()
     # Local runs keep Ray's token auth and put the dashboard on 127.0.0.1 too: Ray Train's
-    # placement-group cleaner needs the State API it serves.
-    kwargs: dict[str, Any] = {"num_cpus": os.cpu_count(), "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    # placement-group cleaner needs the State API it serves. address="local": always a new instance, even
+    # when `ray start` left a cluster's address in Ray's temp folder.
+    kwargs: dict[str, Any] = {"address": "local", "num_cpus": os.cpu_count(), "include_dashboard": True,
+                              "dashboard_host": "127.0.0.1"}
     if cfg.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
     if resources:
@@ -52,8 +61,16 @@ def init_ray(cfg: ExperimentConfig, resources: dict[str, float] | None = None, p
             port = sock.getsockname()[1]
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-        kwargs["address"] = "local"  # start a new instance (RAY_ADDRESS would otherwise mean: connect)
+        OWN_ADDRESSES.add(os.environ["RAY_ADDRESS"])
     ray.init(**kwargs)
+    return True
+
+
+def max_failures(cfg: ExperimentConfig, attached: bool) -> int:
+    """``ray.max_failures``, or its default: 0 on a local Ray (a crash here is a bug to see), 3 on a cluster."""
+    if cfg.ray.max_failures is not None:
+        return cfg.ray.max_failures
+    return 3 if attached else 0
 
 
 def use_gpu(cfg: ExperimentConfig) -> bool:
@@ -79,7 +96,7 @@ def actor_gpus(cfg: ExperimentConfig, gpu_workers: bool) -> float:
 @dataclass
 class FitOutcome:
     result: Any
-    state_path: Path | None
+    state_path: str | None  # URI of <run>/final_state.pt in the storage
     actor: Any
     backend_gpus: float
 
@@ -99,14 +116,15 @@ def estep_kwargs(cfg: ExperimentConfig, gpu: bool) -> dict:
     }
 
 
-def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: int,
+def fit(cfg: ExperimentConfig, run_name: str, storage: Storage, num_samples: int,
         mlflow_spec: dict[str, str] | None, labels=None, callbacks: list | None = None,
-        init_checkpoint: str | None = None) -> FitOutcome:
-    """Run the EM training loop on Ray Train. Same ``(storage_path, run_name)`` resumes from the latest checkpoint.
+        init_checkpoint: str | None = None, attached: bool = False) -> FitOutcome:
+    """Run the EM training loop on Ray Train. Same ``(storage, run_name)`` resumes from the latest checkpoint.
 
     ``callbacks`` go to the trainer's RunConfig (a Tune trial passes ``TuneReportCallback()`` so that
     every epoch's report reaches Tune). ``init_checkpoint``: a checkpoint directory (``state.pt``) to start
     from when this run has none of its own yet (PBT: a trial continues from the trial it cloned).
+    When training ends, the last checkpoint's state is copied to ``<run>/final_state.pt`` in the storage.
     """
     gpu = use_gpu(cfg)
     actor = None
@@ -132,17 +150,16 @@ def fit(cfg: ExperimentConfig, run_name: str, storage_path: Path, num_samples: i
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage_path),
+            **storage.ray_kwargs(),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=FailureConfig(max_failures=max_failures(cfg, attached)),
             callbacks=callbacks or None,
         ),
     )
     result = trainer.fit()
     state_path = None
     if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            src = Path(d) / STATE_FILE
-            state_path = storage_path / run_name / "final_state.pt"
-            state_path.write_bytes(src.read_bytes())
+        ckpt = result.checkpoint
+        storage.copy_from(ckpt.filesystem, f"{ckpt.path.rstrip('/')}/{STATE_FILE}", final_state_rel(run_name))
+        state_path = storage.uri_of(final_state_rel(run_name))
     return FitOutcome(result=result, state_path=state_path, actor=actor, backend_gpus=gpus)
