@@ -27,7 +27,7 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def check_name(value: str, key: str) -> str:
     """``value`` when it is a safe file name (letters, digits, ``.``, ``_``, ``-``; no path parts)."""
-    if not isinstance(value, str) or not SAFE_NAME.match(value) or ".." in value:
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
         raise ConfigError(f"{key}: {value!r} is not a safe name (expected 1-128 letters, digits, '.', '_' or '-', "
                           "starting with a letter or digit, no '..')")
     return value

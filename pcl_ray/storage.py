@@ -96,7 +96,7 @@ class Storage:
                     raise ConfigError(f"{KEY}: expected {scheme}://BUCKET/PREFIX, got {text!r} (no bucket)")
                 root = f"{bucket}/{prefix}" if prefix else bucket
                 if scheme == "s3":
-                    fs = _s3_filesystem(endpoint)
+                    fs = _s3_filesystem(_endpoint(endpoint))
                 else:
                     try:
                         fs = pafs.GcsFileSystem()
