@@ -9,6 +9,7 @@ raises :class:`ConfigError` naming the key and what was expected.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +66,13 @@ class SwAVConfig(_Section):
     small_crop_size: int = Field(16, gt=0)
     small_crop_scale: tuple[float, float] = (0.1, 0.4)
     large_crop_min_scale: float = Field(0.3, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check_scale(self) -> "SwAVConfig":
+        lo, hi = self.small_crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"small_crop_scale: expected [MIN, MAX] with 0 < MIN <= MAX <= 1, got [{lo}, {hi}]")
+        return self
 
 
 class SPCLConfig(_Section):
@@ -127,13 +135,22 @@ class TrainConfig(_Section):
     log_every: int = Field(50, gt=0, description="progress line every N steps")
     keep_checkpoints: int = Field(2, gt=0)
 
+    @model_validator(mode="after")
+    def _check_steps(self) -> "TrainConfig":
+        if any(e <= 0 for e in self.lr_steps) or list(self.lr_steps) != sorted(set(self.lr_steps)):
+            raise ValueError(f"lr_steps: expected increasing epochs >= 1, got {self.lr_steps}")
+        return self
+
 
 class RayConfig(_Section):
     address: str | None = Field(
         None, description="None = attach when RAY_ADDRESS is set (inside `ray job submit`), else start a local "
                           "Ray; 'auto', HOST:PORT or ray://HOST:PORT to attach")
     connect_timeout_s: float = Field(30.0, gt=0.0, description="how long to try reaching ray.address")
-    num_workers: int = Field(2, gt=0)
+    num_workers: int = Field(2, gt=0, description="Train workers; [MIN, MAX] for an elastic group (then this "
+                                                  "holds MAX and ray.min_workers MIN)")
+    min_workers: int | None = Field(None, gt=0, description="elastic groups: train on as few as this many workers "
+                                                            "(None = exactly ray.num_workers)")
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0.0)
     actor_cpus: float = Field(0.0, ge=0.0, description="logical CPUs reserved for the cluster actor")
@@ -148,6 +165,37 @@ class RayConfig(_Section):
         None, ge=0, description="Train worker-group restarts from the last checkpoint; None = 0 on a local Ray, "
                                 "3 when attached to a cluster (preemptions, lost nodes)")
     object_store_memory_mb: int | None = Field(None, gt=0, description="local Ray only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _elastic_range(cls, data: Any) -> Any:
+        """``num_workers: [MIN, MAX]`` is stored as ``num_workers = MAX``, ``min_workers = MIN``."""
+        if isinstance(data, dict) and isinstance(data.get("num_workers"), (list, tuple)):
+            pair = list(data["num_workers"])
+            if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+                raise ValueError(f"num_workers: expected an int or [MIN, MAX] of two ints, got {pair!r}")
+            if not 1 <= pair[0] <= pair[1]:
+                raise ValueError(f"num_workers: [MIN, MAX] needs 1 <= MIN <= MAX, got {pair!r}")
+            data = {**data, "num_workers": pair[1], "min_workers": pair[0]}
+        return data
+
+    @model_validator(mode="after")
+    def _check_min(self) -> "RayConfig":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must be <= num_workers ({self.num_workers})")
+        return self
+
+    @property
+    def worker_counts(self) -> range:
+        """Every world size the run may train at."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
+
+    @property
+    def scaling_workers(self) -> int | tuple[int, int]:
+        """``ScalingConfig(num_workers=...)``: an int, or ``(min, max)`` for an elastic group."""
+        if self.min_workers is None or self.min_workers == self.num_workers:
+            return self.num_workers
+        return (self.min_workers, self.num_workers)
 
 
 class TrackingConfig(_Section):
@@ -225,10 +273,13 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"train.warmup_epochs ({self.train.warmup_epochs}) must be <= train.epochs ({self.train.epochs})"
             )
-        if self.train.batch_size < self.ray.num_workers:
+        uneven = [w for w in self.ray.worker_counts if self.train.batch_size % w]
+        if uneven:
+            counts = (f"every worker count in [{self.ray.min_workers}, {self.ray.num_workers}]"
+                      if len(self.ray.worker_counts) > 1 else f"ray.num_workers ({self.ray.num_workers})")
             raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) must be >= ray.num_workers ({self.ray.num_workers})"
-            )
+                f"train.batch_size ({self.train.batch_size}) must be divisible by {counts}, so that the global "
+                f"batch stays exact on any world size; it is not by {uneven}")
         if self.method.name == "deepcluster" and self.train.warmup_epochs != 0:
             raise ValueError(
                 f"train.warmup_epochs must be 0 for method.name=deepcluster (got {self.train.warmup_epochs}): "
@@ -242,9 +293,15 @@ class ExperimentConfig(_Section):
 
         return registry[self.method.name].needs_estep
 
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data with passwords masked: what is logged, saved and shown."""
+        from .secrets import redact_config
+
+        return redact_config(self.model_dump(mode="json"))
+
     def flat(self) -> dict[str, Any]:
-        """Dotted-key view of the resolved config (for MLflow params)."""
-        return dict(_flatten(self.model_dump(mode="json")))
+        """Dotted-key view of the resolved config (for MLflow params), passwords masked."""
+        return dict(_flatten(self.public_dict()))
 
 
 def _flatten(d: dict[str, Any], prefix: str = ""):
@@ -263,6 +320,14 @@ def _format_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error":  # our own validators: the message names what and why already
+            msg = msg.removeprefix("Value error, ")
+            head = re.match(r"^([a-z_]+): ", msg)
+            if head and key != "<root>":  # "ray" + "num_workers: ..." -> "ray.num_workers: ..."
+                key, msg = f"{key}.{head.group(1)}", msg[head.end():]
+            elif key == "<root>":
+                lines.append(f"  {msg}")
+                continue
         elif "input" in e and e["type"] not in ("missing",):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"  {key}: {msg}")
@@ -297,14 +362,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (plain YAML keeps the last one silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"pipeline file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{p}: not valid YAML:{where} {what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
     return data
@@ -330,4 +416,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, passwords masked (``--print-config``, the config.yaml artifact)."""
+    return yaml.safe_dump(cfg.public_dict(), sort_keys=False)

@@ -42,12 +42,13 @@ class RunRecord:
     tracking_uri: str
     pipeline: str | None = None
     started_at: float = field(default_factory=time.time)
+    config: dict | None = None  # the config the run started with (passwords masked), for --resume
 
     @classmethod
     def from_json(cls, data: dict) -> "RunRecord":
         return cls(run_name=data.get("run_name", ""), mlflow_run_id=data["mlflow_run_id"],
                    tracking_uri=data["tracking_uri"], pipeline=data.get("pipeline"),
-                   started_at=float(data.get("started_at", 0.0)))
+                   started_at=float(data.get("started_at", 0.0)), config=data.get("config"))
 
 
 def record_rel(run_name: str) -> str:

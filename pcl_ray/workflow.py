@@ -14,6 +14,7 @@ import torch
 
 from .config import ConfigError, ExperimentConfig, dump_config
 from .signals import sigterm_as_interrupt
+from .resume import check_resume
 from .registry import RunRecord, check_name, final_state_rel, latest_run, load_record, save_record
 from .storage import Storage
 from .tracking import RunLogger, redact, resolve_uri
@@ -53,7 +54,7 @@ def _open_mlflow_run(cfg: ExperimentConfig, storage: Storage, run_name: str, par
     """Start the run's MLflow run, or reopen it when this ``run_name`` is being resumed."""
     uri = resolve_uri(cfg.tracking.uri)
     saved = load_record(storage, run_name)
-    if saved is not None and saved.tracking_uri == uri:
+    if saved is not None and saved.tracking_uri in (uri, redact(uri)):
         logger = RunLogger(uri, saved.mlflow_run_id)
         logger.client.update_run(logger.run_id, status="RUNNING")
         return logger
@@ -62,8 +63,8 @@ def _open_mlflow_run(cfg: ExperimentConfig, storage: Storage, run_name: str, par
                                    "pcl_ray.storage": storage.uri_of(run_name),
                                    **({"pcl_ray.pipeline": pipeline} if pipeline else {})},
                              parent_run_id=parent_run_id)
-    save_record(storage, RunRecord(run_name=run_name, mlflow_run_id=logger.run_id, tracking_uri=uri,
-                                   pipeline=pipeline))
+    save_record(storage, RunRecord(run_name=run_name, mlflow_run_id=logger.run_id, tracking_uri=redact(uri),
+                                   pipeline=pipeline, config=cfg.public_dict()))
     return logger
 
 
@@ -71,7 +72,7 @@ def finished_run(cfg: ExperimentConfig, run_name: str) -> RunLogger | None:
     """The MLflow run of ``run_name`` when an earlier start of it already ended FINISHED, else None."""
     uri = resolve_uri(cfg.tracking.uri)
     saved = load_record(run_storage(cfg), run_name)
-    if saved is None or saved.tracking_uri != uri:
+    if saved is None or saved.tracking_uri not in (uri, redact(uri)):
         return None
     logger = RunLogger(uri, saved.mlflow_run_id)
     return logger if logger.client.get_run(logger.run_id).info.status == "FINISHED" else None
@@ -130,6 +131,9 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
     preflight(cfg, num_samples)
     storage = run_storage(cfg)
     on_cluster = connect(cfg, storage, resolve_uri(cfg.tracking.uri))
+    saved = load_record(storage, run_name)
+    if saved is not None:  # this name ran before: continue it only if it trains the same way
+        check_resume(saved.config, cfg, run_name)
     logger = _open_mlflow_run(cfg, storage, run_name, parent_run_id, pipeline)
     if tags:
         logger.set_tags(tags)

@@ -14,21 +14,22 @@ import pytest
 import torch
 
 from pcl_ray.config import load_config
-from pcl_ray.distributed.worker import StreamedEmbeddings, epoch_indices, unseen_indices
+from pcl_ray.distributed.worker import StreamedEmbeddings
+from pcl_ray.training import EpochPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize(("n", "world", "local_bs"), [(1500, 2, 64), (1797, 3, 50), (1000, 1, 128), (640, 2, 64)])
-def test_streamed_and_unseen_indices_cover_every_image_once(n, world, local_bs):
-    steps = (n // world) // local_bs
+@pytest.mark.parametrize(("n", "world", "batch"), [(1500, 2, 128), (1797, 3, 150), (1000, 1, 128), (640, 2, 128)])
+def test_streamed_and_unseen_indices_cover_every_image_once(n, world, batch):
     for epoch in range(3):
-        parts = [epoch_indices(n, r, world, 7, epoch)[: steps * local_bs] for r in range(world)]
-        rest = unseen_indices(n, world, 7, epoch, steps, local_bs)
+        plan = EpochPlan(n, batch, 7, epoch)
+        parts = [plan.rank_indices(r, world) for r in range(world)]
+        rest = plan.untrained()
         parts += [rest[r::world] for r in range(world)]
         every = np.concatenate(parts)
         assert len(every) == n and np.array_equal(np.sort(every), np.arange(n))
-        assert len(rest) == n - world * steps * local_bs
+        assert len(rest) == n - plan.steps * batch
 
 
 def test_streamed_embeddings_keep_rows_with_their_indices():

@@ -137,14 +137,14 @@ def fit(cfg: ExperimentConfig, run_name: str, storage: Storage, num_samples: int
         train_loop,
         torch_config=LoopbackTorchConfig(),  # on a local Ray: the rendezvous store on 127.0.0.1 too
         train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
+            "cfg": cfg.public_dict(),  # saved in every checkpoint: no passwords
             "run_name": run_name,
             "mlflow": mlflow_spec,
             "threads_per_worker": max(1, int(cfg.ray.cpus_per_worker)),
             "init_checkpoint": init_checkpoint,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers,
+            num_workers=cfg.ray.scaling_workers,
             use_gpu=gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
         ),

@@ -12,10 +12,21 @@ from __future__ import annotations
 import os
 from typing import Literal, NamedTuple
 
-import faiss
 import numpy as np
 
-__all__ = ["Backend", "KMeansResult", "gpu_available", "kmeans", "resolve_backend"]
+#: why `import faiss` failed: faiss is not a base dependency, an extra picks its build
+FAISS_MISSING = (
+    "faiss is not installed: pcl-ray needs one faiss build, chosen by an extra: "
+    "`pip install -e '.[cpu]'` (any machine) or `pip install -e '.[gpu]'` (Linux x86_64 with an NVIDIA GPU); "
+    "from a wheel: `pip install 'pcl-ray[cpu]'` or `'pcl-ray[gpu]'`"
+)
+
+try:
+    import faiss
+except ImportError as exc:  # neither the cpu nor the gpu extra is installed
+    raise ModuleNotFoundError(FAISS_MISSING, name="faiss") from exc
+
+__all__ = ["Backend", "FAISS_MISSING", "KMeansResult", "gpu_available", "kmeans", "resolve_backend"]
 
 Backend = Literal["auto", "cpu", "gpu"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-import faiss
+from ..estep.kmeans import faiss  # one import site: a clear message when no faiss extra is installed
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from numpy.typing import ArrayLike
