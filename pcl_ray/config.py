@@ -220,8 +220,8 @@ class EvalConfig(_Section):
     baselines: bool = True
     # cheap per-epoch kNN on held TRAIN images (never the test split): what sweeps optimize
     online_every: int = Field(1, ge=0, description="epochs between online kNN checks; 0 = off")
-    online_bank: int = Field(5000, gt=0, description="first N training images form the kNN bank")
-    online_queries: int = Field(1000, gt=0, description="last N training images are the queries")
+    online_bank: int = Field(5000, gt=0, description="training images in the kNN bank (seeded, class-stratified)")
+    online_queries: int = Field(1000, gt=0, description="other training images used as queries (seeded, stratified)")
     # `run.py eval` suite (pcl_ray.evaluation.suite); `--suite` on the command line overrides `suites`.
     suites: list[Literal[EVAL_SUITES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: [s for s in EVAL_SUITES if s != "finetune"], min_length=1,

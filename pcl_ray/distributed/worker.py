@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -19,7 +18,11 @@ from ..config import ExperimentConfig
 from ..data import ViewMaker, iterate_batches, load_split, shard_indices
 from ..methods import build_method
 from ..methods.base import unwrap
+from ..models.collectives import broadcast_buffers
+from ..training import EpochPlan, lr_at
 from .cluster_actor import NAMESPACE, actor_name
+from .fault_injection import injected_kill, kill_if_due  # test-only (tests/test_faults_worker.py)
+from .handoff import fetch_prototypes
 
 STATE_FILE = "state.pt"
 
@@ -38,33 +41,6 @@ def _quiet_report_log() -> None:
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     except Exception:  # internal module moved: the lines just stay
         pass
-
-
-def lr_at(cfg: ExperimentConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Cosine (per step) or step schedule (×0.1 at each of ``train.lr_steps``)."""
-    t = cfg.train
-    if t.schedule == "cosine":
-        progress = (epoch + step / steps_per_epoch) / t.epochs
-        return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return t.lr * (0.1 ** sum(epoch >= s for s in t.lr_steps))
-
-
-def epoch_indices(n: int, rank: int, world: int, seed: int, epoch: int) -> np.ndarray:
-    """This rank's training indices for ``epoch``: a seeded global shuffle, then an equal-length slice.
-
-    Every rank gets ``n // world`` indices, so all ranks run the same number of steps (DDP needs it).
-    """
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    per_rank = n // world
-    return perm[rank::world][:per_rank]
-
-
-def unseen_indices(n: int, world: int, seed: int, epoch: int, steps: int, local_bs: int) -> np.ndarray:
-    """Indices that no rank trains on in ``epoch``: what equal-length, whole-batch shards leave out."""
-    seen = np.zeros(n, dtype=bool)
-    for r in range(world):
-        seen[epoch_indices(n, r, world, seed, epoch)[: steps * local_bs]] = True
-    return np.flatnonzero(~seen)
 
 
 class StreamedEmbeddings:
@@ -120,21 +96,8 @@ def build_view_makers(method, cfg: ExperimentConfig, ds) -> tuple[list[ViewMaker
     return makers, make(size, cfg.data.views.crop_min_scale, 1.0)
 
 
-def fetch_prototypes(actor, epoch: int, rank: int, submit) -> "object":
-    """Hand this rank's shard to the actor and wait for the epoch's PrototypeSet (never a stale one)."""
-    ray.get(submit())
-    while True:
-        reply = ray.get(actor.wait_prototypes.remote(epoch, rank))
-        status = reply["status"]
-        if status == "ready":
-            pset = ray.get(reply["ref"][0])
-            if pset.epoch != epoch:
-                raise RuntimeError(f"cluster actor returned prototypes of epoch {pset.epoch}, expected {epoch}")
-            return pset
-        if status == "missing":  # the actor restarted and lost this epoch's shards
-            ray.get(submit())
-        elif status == "error":
-            raise RuntimeError(reply["message"])
+def rank_state_file(rank: int, world: int) -> str:
+    return f"rank_{rank}_of_{world}.pt"
 
 
 def _save_state(path: Path, method, optimizer, epoch: int, step: int, extra: dict) -> None:
@@ -169,23 +132,31 @@ def train_loop(loop_config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+            own_file = Path(d) / rank_state_file(rank, world)
+            if own_file.is_file():  # same world size: this rank's own state (e.g. SwAV's queue) continues
+                method.load_rank_state(torch.load(own_file, map_location=device, weights_only=True))
+            elif rank == 0 and any(Path(d).glob("rank_*_of_*.pt")):
+                say(f"resumed on {world} workers from a checkpoint of another world size: per-rank state "
+                    "(e.g. SwAV's queue) starts empty")
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, global_step = int(state["epoch"]) + 1, int(state["global_step"])
         if rank == 0:
             say(f"resumed from checkpoint after epoch {state['epoch'] + 1}")
 
-    local_bs = cfg.train.batch_size // world
-    steps_per_epoch = (n // world) // local_bs
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the data ({n} images)")
+    # The epoch's global batches depend on (seed, epoch) only; this rank takes its columns of each.
+    local_bs = EpochPlan(n, cfg.train.batch_size, cfg.train.seed, 0).local_batch(world)
+    steps_per_epoch = EpochPlan(n, cfg.train.batch_size, cfg.train.seed, 0).steps
+    if rank == 0 and world != cfg.ray.num_workers:
+        say(f"training on {world} of up to {cfg.ray.num_workers} workers (elastic): same global batches, "
+            f"{local_bs} images per worker")
     actor = ray.get_actor(actor_name(loop_config["run_name"]), namespace=NAMESPACE) if method.needs_estep else None
     online_knn = None
     if rank == 0 and cfg.eval.online_every:
         from ..evaluation.online import OnlineKNN
 
         online_knn = OnlineKNN(ds, cfg.eval.online_bank, cfg.eval.online_queries, cfg.eval.knn_k,
-                               cfg.eval.knn_temperature)
+                               cfg.eval.knn_temperature, seed=cfg.train.seed)
     tracker = None
     if rank == 0 and loop_config.get("mlflow"):
         from ..tracking import RunLogger
@@ -193,6 +164,7 @@ def train_loop(loop_config: dict) -> None:
         tracker = RunLogger(**loop_config["mlflow"])
 
     streamed: StreamedEmbeddings | None = None  # the previous epoch's M-step embeddings (estep.features=stream)
+    kill_at = injected_kill()  # test-only fault injection; None in every real run
     for epoch in range(start_epoch, cfg.train.epochs):
         metrics: dict[str, float] = {"epoch": epoch + 1}
         prototypes = None
@@ -201,7 +173,7 @@ def train_loop(loop_config: dict) -> None:
             embed_bs = max(256, local_bs)
             if streamed is not None and streamed.epoch == epoch - 1:
                 # last epoch's embeddings, plus a fresh pass over the few images no rank trained on
-                rest = unseen_indices(n, world, cfg.train.seed, epoch - 1, steps_per_epoch, local_bs)[rank::world]
+                rest = EpochPlan(n, cfg.train.batch_size, cfg.train.seed, epoch - 1).untrained()[rank::world]
                 seen_idx, seen_emb = streamed.shard()
                 extra = embed_shard(method, ds, views, rest, embed_bs, device) if rest.size else seen_emb[:0]
                 own, emb = np.concatenate([seen_idx, rest]), np.concatenate([seen_emb, extra])
@@ -213,7 +185,8 @@ def train_loop(loop_config: dict) -> None:
             metrics["estep/from_stream"] = float(streamed is not None and streamed.epoch == epoch - 1)
             streamed = None
             idx_ref, emb_ref = ray.put(own), ray.put(emb)
-            pset = fetch_prototypes(actor, epoch, rank, lambda: actor.submit_shard.remote(epoch, rank, idx_ref, emb_ref))
+            pset = fetch_prototypes(actor, epoch, rank, lambda: actor.submit_shard.remote(epoch, rank, idx_ref, emb_ref),
+                                    device=device)
             prototypes = pset.to_torch(device)
             method.on_prototypes(prototypes)
             metrics.update(pset.stats())
@@ -224,17 +197,23 @@ def train_loop(loop_config: dict) -> None:
                     f"k-means {pset.seconds:.2f}s, total {metrics['time/estep_total_s']:.2f}s")
 
         online.train()
+        # Every random draw of the epoch comes from seeds of (seed, epoch[, rank]), never from the history of
+        # earlier epochs: a run resumed at an epoch boundary draws what an uninterrupted run draws. The global
+        # generator (shuffle-BN's permutation, dropout) is the same on every rank.
+        torch.manual_seed(cfg.train.seed * 1_000_003 + epoch * 7919 + 1)
         gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
         sums: dict[str, float] = {}
         seen = 0
         t_epoch = time.perf_counter()
-        order = epoch_indices(n, rank, world, cfg.train.seed, epoch)
+        order = EpochPlan(n, cfg.train.batch_size, cfg.train.seed, epoch).rank_indices(rank, world)
         collect = (method.needs_estep and cfg.estep.features == "stream"
                    and cfg.train.warmup_epochs <= epoch + 1 < cfg.train.epochs)
         collecting = StreamedEmbeddings(epoch, steps_per_epoch * local_bs) if collect else None
         batches = iterate_batches(ds, order, local_bs, shuffle=False, seed=0, drop_last=True,
                                   loader_workers=cfg.data.views.loader_workers)
         for step, (images, index) in enumerate(batches):
+            if kill_at is not None:  # test-only: tests/test_faults_worker.py kills this worker here
+                kill_if_due(kill_at, epoch, step, rank)
             lr = lr_at(cfg, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -267,6 +246,8 @@ def train_loop(loop_config: dict) -> None:
         metrics["throughput/img_per_s"] = seen * world / elapsed
         metrics["time/epoch_s"] = elapsed
 
+        broadcast_buffers(method)  # every rank holds rank 0's buffers: the checkpoint is every rank's state
+
         if online_knn is not None and (epoch + 1) % cfg.eval.online_every == 0:
             acc = online_knn(method.encoder, views, device)
             if acc is not None:
@@ -274,6 +255,10 @@ def train_loop(loop_config: dict) -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
+            own = method.rank_state()  # per-rank state (SwAV's queue): each rank adds its file to the checkpoint
+            if own:
+                torch.save(own, Path(tmp) / rank_state_file(rank, world))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if rank == 0:
                 _save_state(Path(tmp) / STATE_FILE, method, optimizer, epoch, global_step,
                             {"config": loop_config["cfg"]})
@@ -284,5 +269,5 @@ def train_loop(loop_config: dict) -> None:
                 say(f"epoch {epoch + 1}/{cfg.train.epochs} done in {elapsed:.1f}s: {summary} "
                       f"({metrics['throughput/img_per_s']:.0f} img/s)")
                 if tracker is not None:
-                    tracker.log_metrics(metrics, step=epoch + 1)
+                    tracker.log_metrics(metrics, step=epoch + 1, final=epoch + 1 == cfg.train.epochs)
             ray.train.report(metrics, checkpoint=checkpoint)

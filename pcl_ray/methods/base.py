@@ -79,3 +79,12 @@ class Method(nn.Module):
     @torch.no_grad()
     def after_step(self) -> None:
         """Hook after ``optimizer.step()`` (momentum updates, queues, re-normalization)."""
+
+    # ---- per-rank state ---------------------------------------------------------------------
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """State that differs between ranks (e.g. a per-worker queue), saved by each rank beside the
+        checkpoint so that a resume on the same world size continues exactly. Default: none."""
+        return {}
+
+    def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`rank_state` returned (same rank, same world size)."""

@@ -84,8 +84,9 @@ class SwAV(Method):
         self.encoder = build_encoder(cfg.model, in_channels)
         self.net = SwAVNet(self.encoder, cfg.model.feature_dim, self.swav_cfg.num_prototypes)
         # Per-worker queue of past large-crop embeddings, allocated when it activates. Not part of
-        # the state dict: each worker's queue holds its own shard's samples, and rank 0 alone writes
-        # checkpoints, so after a resume every worker refills its queue (queue_length / batch steps).
+        # the state dict (each worker's queue holds its own shard's samples): every rank saves its own
+        # beside the checkpoint (rank_state), so a resume on the same world size continues exactly; on
+        # another world size every worker refills its queue (queue_length / batch steps).
         self._queue: torch.Tensor | None = None
         self._queue_filled = 0
         # collapse check: per-epoch running mean and largest distance of the loss from ln K
@@ -145,6 +146,17 @@ class SwAV(Method):
             queue[:, :b] = z[: NUM_LARGE_CROPS * b].detach().view(NUM_LARGE_CROPS, b, -1)
             self._queue_filled += b
         return codes, use_queue
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        if self._queue is None:
+            return {}
+        return {"queue": self._queue.detach().cpu(), "queue_filled": torch.tensor(self._queue_filled)}
+
+    def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "queue" in state:
+            device = next(self.parameters()).device
+            self._queue = state["queue"].to(device)
+            self._queue_filled = int(state["queue_filled"])
 
     def _active_queue(self, epoch: int, b: int, ws: int, z: torch.Tensor) -> torch.Tensor | None:
         """This worker's queue ``(2, L, d)`` from ``queue_start_epoch`` on (``None`` before, or when disabled)."""

@@ -41,3 +41,18 @@ def shuffled_forward(fn, x: torch.Tensor) -> torch.Tensor:
     out = fn(full[perm[rank * b : (rank + 1) * b]])
     gathered = concat_all_gather(out)
     return gathered[inverse][rank * b : (rank + 1) * b]
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics, queues) to every rank.
+
+    DDP keeps the buffers of the module it wraps in step; modules outside it (MoCo's momentum encoder,
+    whose BatchNorm sees a different shuffled batch on every rank) drift apart. Synchronising them once per
+    epoch makes every rank's E-step embed with the same encoder, and makes rank 0's checkpoint the state of
+    every rank, so a resumed run continues exactly as an uninterrupted one.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=0)
