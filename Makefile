@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIPELINE ?= pipelines/fmnist_pcl.yaml
 
-.PHONY: setup demo test test-all smoke mlflow-ui clean
+.PHONY: setup demo test test-all smoke mlflow-ui clean rehearsal
 
 setup:
 	bash scripts/setup.sh
@@ -22,6 +22,10 @@ smoke: setup
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+# the cloud layout on one machine (root): head + 2 workers in network namespaces, S3 + MLflow servers, faults
+rehearsal: setup
+	$(PY) -m pcl_ray.rehearsal
 
 clean:
 	rm -rf runs .pytest_cache

@@ -161,8 +161,8 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
             state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         _log_training_artifacts(logger, outcome, state)
         if cfg.eval.enabled and state is not None:
-            torch.set_num_threads(os.cpu_count() or 1)
-            result.eval = evaluate(cfg, state["method"], log=log)
+            torch.set_num_threads(os.cpu_count() or 1)  # on a cluster: one Ray task with a worker's resources
+            result.eval = evaluate(cfg, state["method"], log=log, remote=on_cluster)
             for row, values in result.eval.items():
                 logger.log_metrics({f"eval/{row}/{k}": v for k, v in values.items()})
         status = "FINISHED"
@@ -189,10 +189,17 @@ def _log_training_artifacts(logger: RunLogger, outcome, state: dict | None) -> N
             torch.save(backbone, weights)
             logger.log_artifact(weights, "model")
         if outcome.actor is not None:
-            ref = ray.get(outcome.actor.latest.remote())
-            if ref is not None:
-                pset = ray.get(ref[0])
+            try:  # a picture only: an actor lost with its node (or restarted empty) costs the plot, not the run
+                ref = ray.get(outcome.actor.latest.remote(), timeout=120)
+                pset = ray.get(ref[0], timeout=120) if ref is not None else None
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                print(f"[pcl-ray] no prototype plot: the cluster actor is unavailable ({type(exc).__name__})")
+                pset = None
+            if pset is not None:
                 png = Path(tmp) / f"prototypes_epoch{pset.epoch + 1}.png"
                 plot_prototype_stats(pset.granularities, png)
                 logger.log_artifact(png, "plots")
-            ray.kill(outcome.actor)
+            try:
+                ray.kill(outcome.actor)
+            except ray.exceptions.RayError:
+                pass
