@@ -247,12 +247,36 @@ def write_files(report: BenchReport, out_dir: Path) -> list[Path]:
     return files
 
 
-def write_report(report: BenchReport, cfg: ExperimentConfig, out_dir: Path) -> list[Path]:
-    """The files of :func:`write_files`, and one MLflow run with the numbers as metrics and the files."""
+def save_report(report: BenchReport, cfg: ExperimentConfig, *, out: Path | None, storage, name: str,
+                mlflow: bool = True) -> list[str]:
+    """Write the report where the user asked; returns the files written (paths or URIs).
+
+    ``out``: a local folder (``--out``). Otherwise ``<storage>/<name>/``: directly when the storage is a
+    folder of this machine (or a shared mount), else made in a local temporary folder and uploaded whole.
+    """
+    import tempfile
+
+    def write(folder: Path) -> list[Path]:
+        return write_report(report, cfg, folder, name=name) if mlflow else write_files(report, folder)
+
+    if out is not None:
+        return [str(f) for f in write(out)]
+    if storage.on_local_disk:
+        return [str(f) for f in write(storage.local_path(name))]
+    with tempfile.TemporaryDirectory(prefix="pcl-ray-bench-") as tmp:
+        files = write(Path(tmp) / name)
+        for f in files:
+            storage.upload(f, f"{name}/{f.name}")
+        return [storage.uri_of(name, f.name) for f in files]
+
+
+def write_report(report: BenchReport, cfg: ExperimentConfig, out_dir: Path, name: str | None = None) -> list[Path]:
+    """The files of :func:`write_files`, and one MLflow run (``name``, default the folder's name) with the
+    numbers as metrics and the files."""
     from .tracking import RunLogger, resolve_uri
 
     files = write_files(report, out_dir)
-    logger = RunLogger.start(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, out_dir.name,
+    logger = RunLogger.start(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, name or out_dir.name,
                              tags={"pcl_ray.kind": "bench", "pcl_ray.method": cfg.method.name})
     logger.log_params({**cfg.flat(), **{f"bench.{k}": v for k, v in report.info.items()}})
     logger.log_metrics({f"bench/{r.part}/{_slug(r.what)}": r.value for r in report.rows})

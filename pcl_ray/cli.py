@@ -28,14 +28,21 @@ EVAL_DESCRIPTION = """\
 Evaluate a trained encoder on the labelled test split and log the results to the run's MLflow run.
 
 RUN is one of:
-  - a checkpoint file: runs/<name>/final_state.pt or runs/<name>/checkpoint_*/state.pt
-    (or a folder holding one);
-  - a run name under runs/ (its final_state.pt, else its latest checkpoint);
-  - an MLflow run id (its local checkpoint, else its logged config.yaml + model/backbone.pt).
+  - a run name under ray.storage_path (--set ray.storage_path=s3://bucket/runs, file:///shared/runs
+    or a folder; default runs/; --set ray.storage_endpoint=URL for S3-compatible stores);
+  - a checkpoint file (<run>/final_state.pt, <run>/checkpoint_*/state.pt) or a run folder, as a
+    local path or an s3://, gs:// or file:// URI;
+  - an MLflow run id (the run folder train recorded for it, else its logged config.yaml +
+    model/backbone.pt).
+A run's final state is tried first, then its checkpoints newest first: a file that does not load
+(e.g. half-written when a run died) is skipped with a line saying so.
 
 The config is the one saved with the checkpoint; --set overrides keys of it. Metrics are logged as
 eval/<suite>/<metric> to the run's MLflow run when it is known (else to a new run in
-tracking.experiment), artifacts under eval/, and printed as a table.
+tracking.experiment), artifacts under eval/ (and to <run>/eval/ in the run's storage), and printed
+as a table. Attached to a Ray cluster (--set ray.address=..., or RAY_ADDRESS as under `ray job
+submit`), the evaluation runs as one Ray task with a training worker's resources (a GPU when the
+run trained on GPUs), not on the driver's node.
 
 suites:
   knn       weighted kNN accuracy (cosine; eval.knn_k, eval.knn_temperature)
@@ -57,6 +64,8 @@ EVAL_EPILOG = """examples:
   python run.py eval runs/pcl-fashion-mnist-20261123-192110/final_state.pt --suite knn,linear,lowshot
   python run.py eval b81ea2b39dd748f3b623db2253d6320c --suite all --set eval.finetune_epochs=2
   python run.py eval RUN --suite lowshot --set eval.lowshot_draws=10 --set eval.feature=head
+  python run.py eval RUN --set ray.storage_path=s3://my-bucket/pcl-ray/runs
+  python run.py eval s3://my-bucket/pcl-ray/runs/RUN/checkpoint_000003/state.pt --suite knn
 """
 
 
@@ -118,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config key (repeatable)")
     b.add_argument("--parts", default="all", metavar="NAMES", help="comma-separated subset of views,mstep,estep")
     b.add_argument("--steps", type=int, default=10, help="timed repetitions per measurement (default 10)")
-    b.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/bench-<stamp>)")
+    b.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <ray.storage_path>/bench-<stamp>)")
     b.add_argument("--no-mlflow", action="store_true", help="write the files only; log nothing to MLflow")
     e = sub.add_parser(
         "eval",
@@ -127,14 +136,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EVAL_EPILOG,
     )
-    e.add_argument("run", metavar="RUN", help="checkpoint path, run name under runs/, or MLflow run id")
+    e.add_argument("run", metavar="RUN",
+                   help="run name under ray.storage_path (default runs/), checkpoint file or run folder (a path or "
+                        "an s3://, gs:// or file:// URI), or MLflow run id")
     e.add_argument("--suite", default=None, metavar="NAMES",
                    help=f"comma-separated suites from {{{','.join(EVAL_SUITES)}}} or 'all' "
                         "(default: eval.suites, i.e. all but finetune)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the run's saved config, e.g. --set eval.lowshot_draws=2 (repeatable)")
     e.add_argument("--out", default=None, metavar="DIR",
-                   help="folder for the artifacts (default: eval/ beside the checkpoint)")
+                   help="folder or storage URI for the artifacts (default: <run>/eval/ in the run's storage)")
     e.add_argument("--no-mlflow", action="store_true", help="print the results only; log nothing to MLflow")
     return p
 
@@ -204,10 +215,9 @@ def cmd_train(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import run_compare
 
-    md, out_dir = run_compare(args.pipeline, args.overrides, seeds=args.seeds, resume=args.resume)
+    md, out = run_compare(args.pipeline, args.overrides, seeds=args.seeds, resume=args.resume)
     print(md)
-    written = [out_dir / f for f in ("comparison.md", "comparison.png", "embeddings.png") if (out_dir / f).exists()]
-    print("written: " + ", ".join(map(str, written)))
+    print("written: " + ", ".join(out.files))
     return 0
 
 
@@ -258,10 +268,11 @@ def cmd_eval(args) -> int:
         suites = parse_suites(args.suite) if args.suite is not None else None  # fail fast on a typo
         target = resolve_target(args.run, args.overrides)
     except (EvalTargetError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"[pcl-ray] evaluating {target.checkpoint or target.label}"
-          + (f" (MLflow run {target.mlflow_run_id})" if target.mlflow_run_id else ""))
+          + (f" (MLflow run {target.mlflow_run_id})" if target.mlflow_run_id else "")
+          + (f", after skipping {len(target.skipped)} unreadable state file(s)" if target.skipped else ""))
     outcome = evaluate_target(target, overrides=args.overrides, suites=suites, out_dir=args.out,
                               mlflow=not args.no_mlflow)
     _print_eval(outcome)
@@ -274,13 +285,16 @@ def cmd_bench(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .bench import parse_parts, run_bench, write_report
-    from .workflow import storage_root
+    from .bench import parse_parts, run_bench, save_report
+    from .workflow import run_storage
 
     parts = parse_parts(args.parts)
     cfg = load_config(args.pipeline, args.overrides)
+    storage = None
+    if not args.out:  # the storage answers before the bench spends anything
+        storage = run_storage(cfg)
+        storage.check_writable()
     report = run_bench(cfg, parts, steps=args.steps)
-    out = Path(args.out) if args.out else storage_root(cfg) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     table = Table(title=f"pcl-ray bench: {report.label}")
     for col, justify in (("part", "left"), ("what", "left"), ("value", "right"), ("unit", "left")):
         table.add_column(col, justify=justify)
@@ -288,13 +302,9 @@ def cmd_bench(args) -> int:
         table.add_row(r.part, r.what, f"{r.value:.4g}", r.unit)
     console = Console()
     console.print(table)
-    if args.no_mlflow:
-        from .bench import write_files
-
-        files = write_files(report, out)
-    else:
-        files = write_report(report, cfg, out)
-    console.print("written: " + ", ".join(map(str, files)))
+    files = save_report(report, cfg, out=Path(args.out) if args.out else None, storage=storage,
+                        name=f"bench-{time.strftime('%Y%m%d-%H%M%S')}", mlflow=not args.no_mlflow)
+    console.print("written: " + ", ".join(files))
     return 0
 
 
@@ -321,14 +331,49 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted (the MLflow run is marked KILLED; checkpoints are kept)", file=sys.stderr)
         return 130
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        cause = config_error_in(exc)  # e.g. a corrupt image met by a Ray Train worker mid-epoch
+        if cause is None:
+            raise
+        print(f"error: {one_line(cause)}", file=sys.stderr)
         return 2
     parser.print_help()
     return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line: ``invalid config (src):`` + indented items become ``...: a; b``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    head, rest = lines[0], lines[1:]
+    if not rest:
+        return head
+    return f"{head} {'; '.join(rest)}" if head.endswith(":") else "; ".join(lines)
+
+
+def config_error_in(exc: BaseException, depth: int = 8) -> BaseException | None:
+    """The first ConfigError inside ``exc``: its cause/context chain and what Ray wraps (the worker
+    failures of a Train run, a controller failure, a task's cause); None when there is none."""
+    todo, seen = [exc], set()
+    while todo and depth > 0:
+        depth -= 1
+        nxt = []
+        for e in todo:
+            if e is None or id(e) in seen:
+                continue
+            seen.add(id(e))
+            if isinstance(e, ConfigError):
+                return e
+            nxt += [e.__cause__, e.__context__, getattr(e, "controller_failure", None), getattr(e, "cause", None)]
+            failures = getattr(e, "worker_failures", None)
+            if isinstance(failures, dict):
+                nxt += list(failures.values())
+        todo = [e for e in nxt if isinstance(e, BaseException)]
+    return None
 
 
 if __name__ == "__main__":

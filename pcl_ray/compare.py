@@ -12,13 +12,23 @@ A compare pipeline is a YAML file with one `compare:` section::
 
 Before anything trains, every entry's resolved config is checked to share the data, backbone,
 epochs, batch size and evaluation settings (``SHARED_KEYS``); a difference is an error naming the key.
+The name and the labels build folder and run names, so they must be safe names (:func:`registry.check_name`).
+
+Outputs live in the first entry's storage (``ray.storage_path``: a local folder, ``file://`` or an object
+store), every file written whole through :class:`~pcl_ray.storage.Storage`::
+
+    <storage>/<name>-<stamp>/compare.json               the MLflow parent run, entries, seeds (for --resume)
+    <storage>/<name>-<stamp>/results/<label>-s<seed>.json  each finished run's evaluation
+    <storage>/<name>-<stamp>/comparison.md, comparison.png, curves.png, embeddings.png
 """
 
 from __future__ import annotations
 
-import json
+import io
 import statistics
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +36,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ConfigError, ExperimentConfig, load_config, load_yaml
-from .tracking import PROJECT_DIR, RunLogger, resolve_uri
+from .registry import check_name, final_state_rel
+from .storage import Storage
+from .tracking import PROJECT_DIR, RunLogger, redact, resolve_uri
 
 SHARED_KEYS = ("data.", "model.backbone", "model.width", "model.feature_dim", "train.epochs",
                "train.batch_size", "ray.num_workers", "eval.")
+STAMP = "%Y%m%d-%H%M%S"  # a comparison's folder is <name>-<stamp>
 COLUMNS = (("knn_acc", "kNN acc"), ("ami", "AMI"), ("nmi", "NMI"), ("acc", "cluster acc"),
            ("svm_k1", "1-shot SVM"), ("svm_k16", "16-shot SVM"))
 
@@ -72,6 +85,7 @@ def load_compare(path: str | Path, overrides: list[str], seeds: list[int] | None
     labels = [e.label for e in spec.entries]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"compare.entries: labels must be unique, got {labels}")
+    _check_names(spec)
     base = Path(path).resolve().parent
     configs: dict[tuple[str, int], ExperimentConfig] = {}
     for entry in spec.entries:
@@ -86,6 +100,16 @@ def load_compare(path: str | Path, overrides: list[str], seeds: list[int] | None
         if label != spec.entries[0].label and cfg.eval.baselines:
             configs[(label, seed)] = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"baselines": False})})
     return spec, configs
+
+
+def _check_names(spec: CompareConfig) -> None:
+    """The name and labels are safe, and so is the longest run name they make (``<name>-<stamp>-<label>-s<seed>``)."""
+    check_name(spec.name, "compare.name")
+    for i, entry in enumerate(spec.entries):
+        check_name(entry.label, f"compare.entries[{i}].label")
+    stamp = time.strftime(STAMP, time.gmtime(0))
+    longest = max((f"{spec.name}-{stamp}-{e.label}-s{seed}" for e in spec.entries for seed in spec.seeds), key=len)
+    check_name(longest, "compare.name")  # too long with the stamp, label and seed: say so before training
 
 
 def _check_identical(configs: dict[tuple[str, int], ExperimentConfig]) -> None:
@@ -206,9 +230,8 @@ class EmbeddingPanels:
         self.what = "backbone"
         self._test = None  # the test split: the same for every entry (compare checks that data.* match)
 
-    def add(self, label: str, cfg: ExperimentConfig, state_path: str | Path) -> None:
-        import torch
-
+    def add(self, label: str, cfg: ExperimentConfig, state: dict) -> None:
+        """Embed the test split with the trained ``state`` (a final-state dict, see :func:`load_final_state`)."""
         from .data import ViewMaker, load_split
         from .evaluation.features import raw_pixel_features
         from .evaluation.report import _all_images, embed_split, load_encoder
@@ -220,7 +243,6 @@ class EmbeddingPanels:
         if self.labels is None:
             self.labels, self.class_names = test.labels, list(test.classes or []) or None
             self.panels.append(("raw pixels", raw_pixel_features(_all_images(test, size))))
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
         enc = load_encoder(cfg, state["method"], test.channels)
         views = ViewMaker(cfg.data.views.recipe, size, test.channels, test.mean, test.std)
         self.what = cfg.eval.feature
@@ -234,104 +256,169 @@ class EmbeddingPanels:
                                    title=f"t-SNE of the test split ({self.what} features, seed {seed})")
 
 
-def _open_parent(spec: CompareConfig, first: ExperimentConfig, resume: str | None, log) -> tuple[RunLogger, Path]:
-    """The comparison's folder and MLflow parent run: new, or reopened for ``resume`` (a folder name)."""
-    from .workflow import storage_root
+@dataclass
+class CompareOutput:
+    """A comparison's folder in the storage: ``<storage>/<name>/``."""
 
-    root = storage_root(first)
+    name: str
+    storage: Storage                                  # the storage root
+    files: list[str] = field(default_factory=list)   # where the final files were written (paths or URIs)
+
+    @property
+    def uri(self) -> str:
+        return self.storage.uri_of(self.name)
+
+    def rel(self, *parts: str) -> str:
+        return "/".join((self.name, *parts))
+
+    def shown(self, *parts: str) -> str:
+        """A file of the comparison as the user reaches it: a local path, or the storage URI."""
+        if self.storage.on_local_disk:
+            return str(self.storage.local_path(self.rel(*parts)))
+        return self.storage.uri_of(self.rel(*parts))
+
+
+def load_final_state(cfg: ExperimentConfig, run_name: str) -> dict:
+    """The final state of a finished run, read through its storage (``<run>/final_state.pt``)."""
+    import torch
+
+    from .workflow import run_storage
+
+    raw = run_storage(cfg).read_bytes(final_state_rel(run_name))
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+
+def _open_parent(spec: CompareConfig, first: ExperimentConfig, resume: str | None, log
+                 ) -> tuple[RunLogger, CompareOutput]:
+    """The comparison's folder and MLflow parent run: new, or reopened for ``resume`` (a folder name).
+
+    Checked first, before anything is written: the name, the tracking store and the storage.
+    """
+    from .tracking import check_tracking
+    from .workflow import run_storage
+
+    if resume is not None:
+        check_name(resume, "--resume")
+    storage = run_storage(first)
     uri = resolve_uri(first.tracking.uri)
+    check_tracking(uri)
+    storage.check_writable()
     if resume is None:
-        name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out_dir = root / name
-        out_dir.mkdir(parents=True, exist_ok=True)
+        name = check_name(f"{spec.name}-{time.strftime(STAMP)}", "compare.name")
+        out = CompareOutput(name, storage)
+        if storage.exists(name):
+            raise ConfigError(f"compare.name: {out.uri} exists already (another comparison started this second)")
         parent = RunLogger.start(uri, first.tracking.experiment, name, tags={"pcl_ray.kind": "compare"})
         parent.log_params({"compare.entries": [e.label for e in spec.entries], "compare.seeds": spec.seeds,
-                           "compare.set": spec.set})
-        (out_dir / "compare.json").write_text(json.dumps({
+                           "compare.set": spec.set, "compare.storage": out.uri})
+        storage.write_json(out.rel("compare.json"), {
             "mlflow_run_id": parent.run_id, "tracking_uri": uri,
-            "entries": [e.label for e in spec.entries], "seeds": spec.seeds}))
-        return parent, out_dir
-    out_dir = root / resume
-    meta_file = out_dir / "compare.json"
-    if not meta_file.exists():
-        raise ConfigError(f"--resume {resume}: no comparison of that name under {root} "
-                          f"(expected {meta_file})")
-    meta = json.loads(meta_file.read_text())
-    if meta["entries"] != [e.label for e in spec.entries] or meta["seeds"] != spec.seeds:
-        raise ConfigError(f"--resume {resume}: that comparison ran entries {meta['entries']} and seeds "
-                          f"{meta['seeds']}; this pipeline has {[e.label for e in spec.entries]} and {spec.seeds}")
-    if meta["tracking_uri"] != uri:
-        raise ConfigError(f"--resume {resume}: its MLflow store is {meta['tracking_uri']}, not {uri}")
-    parent = RunLogger(uri, meta["mlflow_run_id"])
+            "entries": [e.label for e in spec.entries], "seeds": spec.seeds})
+        return parent, out
+    out = CompareOutput(resume, storage)
+    meta_rel = out.rel("compare.json")
+    if not storage.is_file(meta_rel):
+        raise ConfigError(f"--resume {resume}: no comparison of that name under {storage.uri} "
+                          f"(expected {storage.uri_of(meta_rel)})")
+    try:
+        meta = storage.read_json(meta_rel)
+        entries, seeds, saved_uri, run_id = meta["entries"], meta["seeds"], meta["tracking_uri"], meta["mlflow_run_id"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"--resume {resume}: {storage.uri_of(meta_rel)} is not a comparison record") from None
+    if entries != [e.label for e in spec.entries] or seeds != spec.seeds:
+        raise ConfigError(f"--resume {resume}: that comparison ran entries {entries} and seeds "
+                          f"{seeds}; this pipeline has {[e.label for e in spec.entries]} and {spec.seeds}")
+    if saved_uri != uri:
+        raise ConfigError(f"--resume {resume}: its MLflow store is {redact(saved_uri)}, not {redact(uri)}")
+    parent = RunLogger(uri, run_id)
     parent.client.update_run(parent.run_id, status="RUNNING")
     log(f"[pcl-ray] compare: resuming {resume}")
-    return parent, out_dir
+    return parent, out
+
+
+def _check_entries_data(configs) -> None:
+    """Each distinct data section loads and fits its entries (k, batch size), before anything is written."""
+    import json
+
+    from .data import check_data
+    from .workflow import preflight
+
+    sizes: dict[str, int] = {}
+    for cfg in configs:
+        key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True) + f"|eval={cfg.eval.enabled}"
+        if key not in sizes:
+            sizes[key] = len(check_data(cfg).labels)
+        preflight(cfg, sizes[key])
 
 
 def run_compare(path: str | Path, overrides: list[str], seeds: list[int] | None = None,
-                log=print, resume: str | None = None) -> tuple[str, Path]:
+                log=print, resume: str | None = None) -> tuple[str, CompareOutput]:
     """Train every (entry, seed), evaluate, write ``comparison.md``, ``comparison.png`` and ``embeddings.png``
-    (t-SNE of every method's test features at the first seed, beside raw pixels); return (markdown, dir).
+    (t-SNE of every method's test features at the first seed, beside raw pixels); return (markdown, output).
 
-    Each finished training run's results are kept in ``<dir>/results/``; with ``resume`` (the folder name
-    printed when a comparison starts) finished runs are read back, an interrupted one continues from its
-    last checkpoint, and the rest train.
+    Each finished training run's results are kept in ``<name>/results/`` of the storage; with ``resume``
+    (the folder name printed when a comparison starts) finished runs are read back, an interrupted one
+    continues from its last checkpoint, and the rest train. Plots are drawn in a local temporary folder,
+    then uploaded whole.
     """
     from .workflow import train
 
     spec, configs = load_compare(path, overrides, seeds)
-    parent, out_dir = _open_parent(spec, next(iter(configs.values())), resume, log)
-    done_dir = out_dir / "results"
-    done_dir.mkdir(exist_ok=True)
-    log(f"[pcl-ray] compare {out_dir.name}: {len(spec.entries)} entries x {len(spec.seeds)} seeds "
-        f"(continue an interrupted one with --resume {out_dir.name})")
+    _check_entries_data(configs.values())
+    parent, out = _open_parent(spec, next(iter(configs.values())), resume, log)
+    storage = out.storage
+    log(f"[pcl-ray] compare {out.name}: {len(spec.entries)} entries x {len(spec.seeds)} seeds in {out.uri} "
+        f"(continue an interrupted one with --resume {out.name})")
     status = "FAILED"
     try:
         results: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
         pictures = EmbeddingPanels()
         for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
-            run_name = f"{out_dir.name}-{label}-s{seed}"
-            done = done_dir / f"{label}-s{seed}.json"
-            if done.exists():
-                saved = json.loads(done.read_text())
+            run_name = f"{out.name}-{label}-s{seed}"
+            done = out.rel("results", f"{label}-s{seed}.json")
+            if storage.is_file(done):
+                saved = storage.read_json(done)
                 log(f"[pcl-ray] compare {i}/{len(configs)}: {label} seed {seed} finished earlier ({run_name})")
             else:
                 log(f"[pcl-ray] compare {i}/{len(configs)}: {label} seed {seed}")
                 outcome = train(cfg, run_name=run_name, parent_run_id=parent.run_id, log=log,
                                 tags={"pcl_ray.compare_label": label})
-                saved = {"eval": outcome.eval, "state_path": str(outcome.state_path) if outcome.state_path else None}
-                tmp = done.with_suffix(".tmp")
-                tmp.write_text(json.dumps(saved))
-                tmp.replace(done)  # a result file is whole or absent
+                saved = {"eval": outcome.eval, "run_name": run_name,
+                         "state_path": str(outcome.state_path) if outcome.state_path else None}
+                storage.write_json(done, saved)  # a result file is whole or absent
             results[(label, seed)] = saved["eval"]
             if seed == spec.seeds[0] and saved["state_path"] and cfg.eval.enabled:
-                pictures.add(label, cfg, saved["state_path"])
+                pictures.add(label, cfg, load_final_state(cfg, saved.get("run_name", run_name)))
         rows = summarize(results)
         md = markdown_table(rows, spec.seeds)
-        (out_dir / "comparison.md").write_text(md)
-        plot_comparison(rows, out_dir / "comparison.png")
-        files = ["comparison.md", "comparison.png"]
         from .evaluation.plots import plot_curves_by_label
 
-        curves = training_curves(parent.tracking_uri, parent.run_id)
-        if any(curves.values()):
-            plot_curves_by_label(curves, out_dir / "curves.png",
-                                 title=f"{spec.name}: mean over seeds {spec.seeds}, shaded min to max")
-            files.append("curves.png")
-        if pictures.panels:
-            log(f"[pcl-ray] compare: t-SNE of {len(pictures.panels)} test embeddings (seed {spec.seeds[0]})")
-            pictures.plot(out_dir / "embeddings.png", seed=spec.seeds[0])
-            files.append("embeddings.png")
-        for f in files:
-            parent.log_artifact(out_dir / f)
+        with tempfile.TemporaryDirectory(prefix="pcl-ray-compare-") as tmp:
+            local = Path(tmp)
+            (local / "comparison.md").write_text(md)
+            plot_comparison(rows, local / "comparison.png")
+            files = ["comparison.md", "comparison.png"]
+            curves = training_curves(parent.tracking_uri, parent.run_id)
+            if any(curves.values()):
+                plot_curves_by_label(curves, local / "curves.png",
+                                     title=f"{spec.name}: mean over seeds {spec.seeds}, shaded min to max")
+                files.append("curves.png")
+            if pictures.panels:
+                log(f"[pcl-ray] compare: t-SNE of {len(pictures.panels)} test embeddings (seed {spec.seeds[0]})")
+                pictures.plot(local / "embeddings.png", seed=spec.seeds[0])
+                files.append("embeddings.png")
+            for f in files:
+                storage.upload(local / f, out.rel(f))
+                out.files.append(out.shown(f))
+                parent.log_artifact(local / f)
         for r in rows:
             parent.log_metrics({f"{r['label']}/{r['features']}/{m}": statistics.mean(r[m])
                                 for m, _ in table_columns(r) if r.get(m)})
         status = "FINISHED"
-        return md, out_dir
+        return md, out
     except KeyboardInterrupt:
         status = "KILLED"
-        log(f"[pcl-ray] compare interrupted: continue with `python run.py compare {path} --resume {out_dir.name}`")
+        log(f"[pcl-ray] compare interrupted: continue with `python run.py compare {path} --resume {out.name}`")
         raise
     finally:
         parent.end(status)

@@ -43,6 +43,8 @@ class DataConfig(_Section):
     download: bool = False
     image_column: str = "image"
     label_column: str = "label"
+    skip_bad_images: bool = Field(False, description="an image that fails to decode during training is replaced "
+                                  "by the next one that decodes (one warning per file) instead of stopping the run")
     views: ViewConfig = ViewConfig()
 
 
@@ -109,6 +111,11 @@ class EStepConfig(_Section):
     backend: Literal["auto", "cpu", "gpu"] = "auto"
     num_threads: int | None = Field(None, gt=0, description="faiss threads; None = all CPUs of the node")
     seed: int = 0
+    handoff_timeout_s: float = Field(1800.0, gt=0.0, description="longest a rank waits for an epoch's "
+                                     "prototypes before the run fails with what was missing")
+    handoff_grace_s: float = Field(60.0, gt=0.0, description="after a cluster-actor restart, how long a rank "
+                                   "waits for the other ranks' shards before taking the prototypes from a rank "
+                                   "that has them (keep well below gloo's 30-minute timeout)")
     features: Literal["eval_pass", "stream"] = Field(
         "eval_pass", description="what the E-step clusters: 'eval_pass' embeds the training set in eval mode at "
         "each E-step (the paper); 'stream' reuses the embeddings the M-step computed during the previous epoch "

@@ -5,7 +5,8 @@ each trial is one ``run.py train`` run (Ray Train workers + its own cluster acto
 values of the pipeline's ``tune.search_space``; ASHA (default), FIFO or PBT decide which trials go on.
 MLflow: one parent run per sweep, one child run per trial. The end prints the trials sorted by the
 metric and writes ``trials.csv``, ``metric_vs_params.png``, ``metric_curves.png`` and
-``best_config.yaml`` (a pipeline ``run.py train`` accepts) under ``<storage>/<sweep>/``.
+``best_config.yaml`` (a pipeline ``run.py train`` accepts) under ``<storage>/<sweep>/`` (``ray.storage_path``:
+a local folder, ``file://`` or an object store such as ``s3://bucket/prefix``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ examples:
   python run.py tune pipelines/ablate_warmup.yaml --set tune.max_concurrent_trials=4 --set ray.address=auto
   python run.py tune pipelines/ablate_granularity.yaml --resume       # continue the latest sweep of it
   python run.py train runs/<sweep>/best_config.yaml                   # train the winner
+  python run.py tune pipelines/tune_digits_smoke.yaml --set ray.storage_path=s3://BUCKET/sweeps  # outputs in S3
 """
 
 
@@ -72,6 +74,7 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
 
 def _print_outcome(outcome) -> None:
     from .sweep.report import print_table
+    from .tracking import redact
 
     title = f"sweep {outcome.name}: {len(outcome.rows)} trials by {outcome.spec.tune.metric}"
     print_table(outcome.rows, outcome.spec, title)
@@ -87,8 +90,10 @@ def _print_outcome(outcome) -> None:
     for p in outcome.plots:
         print(f"plot:  {p}")
     if outcome.best_config:
-        print(f"best config: {outcome.best_config}  (python run.py train {outcome.best_config})")
-    print(f"MLflow parent run {outcome.parent_run_id} ({outcome.tracking_uri})")
+        how = ("download it, then python run.py train best_config.yaml" if "://" in outcome.best_config
+               else f"python run.py train {outcome.best_config}")
+        print(f"best config: {outcome.best_config}  ({how})")
+    print(f"MLflow parent run {outcome.parent_run_id} ({redact(outcome.tracking_uri)})")
 
 
 def cmd_tune(args) -> int:
@@ -98,6 +103,12 @@ def cmd_tune(args) -> int:
 
     if args.resume and args.name:
         raise ConfigError("--resume and --name: give the sweep to resume as --resume SWEEP")
+    from .registry import check_name
+
+    if args.name is not None:
+        check_name(args.name, "--name")  # names folders in the storage: checked before anything loads
+    if args.resume not in (None, "__latest__"):
+        check_name(args.resume, "--resume")
     spec = load_sweep(args.pipeline, args.overrides)
     if args.dry_run:
         print(describe(spec))

@@ -35,15 +35,6 @@ def run_storage(cfg: ExperimentConfig) -> Storage:
     return Storage.from_config(cfg)
 
 
-def storage_root(cfg: ExperimentConfig) -> Path:
-    """The storage root as a local folder, for the verbs that still write only to a local disk."""
-    storage = run_storage(cfg)
-    if not storage.on_local_disk:
-        raise ConfigError(f"ray.storage_path: {storage.uri} is an object store; this verb writes its outputs to a "
-                          "local folder or a shared mount only (a local path or file:///...)")
-    return storage.local_path()
-
-
 def latest_run_name(storage: Storage, pipeline: str | None = None) -> str | None:
     """Name of the most recently started run (of ``pipeline`` when given), for ``--resume`` without a name."""
     return latest_run(storage, pipeline)
@@ -104,6 +95,7 @@ def connect(cfg: ExperimentConfig, storage: Storage, tracking_uri: str) -> bool:
     from .tracking import check_tracking
 
     check_tracking(tracking_uri)
+    storage.check_writable()
     attached = attach_address(cfg) is not None
     started_local = init_ray(cfg)
     sigterm_as_interrupt()  # ray.init replaced the handler with a plain exit
@@ -111,14 +103,13 @@ def connect(cfg: ExperimentConfig, storage: Storage, tracking_uri: str) -> bool:
     check_multi_node(cfg, storage, tracking_uri, nodes)
     if started_local:
         check_resources(cfg, use_gpu(cfg), attached=False)
-    storage.check_writable()
     return attached or nodes > 1
 
 
 def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: str | None = None,
           log=print, callbacks: list | None = None, tags: dict[str, str] | None = None,
           init_checkpoint: str | None = None, pipeline: str | None = None) -> TrainOutcome:
-    from .data import load_split
+    from .data import check_data
     from .distributed.trainer import fit
     from .evaluation.report import evaluate
     from .methods import METHODS
@@ -126,7 +117,7 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
     run_name = check_name(run_name or cfg.ray.run_name or default_run_name(cfg), "ray.run_name")
     # Check what can be checked before anything is written: the data loads, every k fits, the cluster
     # reaches the storage and the tracking store.
-    train_labels = load_split(cfg.data, "train").labels  # for monitoring only (estep/k*/ami_labels)
+    train_labels = check_data(cfg).labels  # for monitoring only (estep/k*/ami_labels)
     num_samples = len(train_labels)
     preflight(cfg, num_samples)
     storage = run_storage(cfg)

@@ -85,7 +85,48 @@ def test_restarted_actor_asks_for_shards_again(ray_local):
             except ray.exceptions.RayActorError:
                 continue
         assert reply == {"status": "missing"}
+        # the restarted actor flags its first epoch: some ranks may have fetched it before the crash
+        ray.get(actor.submit_shard.remote(2, 1, ray.put(np.arange(len(feats))[1::2]), ray.put(feats[1::2])))
+        pending = ray.get(actor.wait_prototypes.remote(2, 1, 0.2))
+        assert pending["status"] == "pending" and pending["after_restart"] is True
+        assert ray.get(actor.info.remote())["restarted"] is True
         _submit_all(ray, actor, 2, feats)
         assert ray.get(actor.wait_prototypes.remote(2, 0, 30.0))["status"] == "ready"
+        # later epochs are collected as usual
+        ray.get(actor.submit_shard.remote(3, 0, ray.put(idx), ray.put(feats[idx])))
+        assert ray.get(actor.wait_prototypes.remote(3, 0, 0.2))["after_restart"] is False
+    finally:
+        ray.kill(actor)
+
+
+def test_failed_estep_starts_over_on_a_fresh_submission(ray_local):
+    """A Train retry after a failed E-step resubmits its shards: the actor forgets the error and runs again."""
+    ray = ray_local
+    from pcl_ray.distributed.cluster_actor import start_cluster_actor
+
+    feats = _features(seed=2)
+    bad = feats.copy()
+    bad[7] = np.nan  # a diverged step's embedding: run_estep refuses non-finite features
+    actor = start_cluster_actor("t-retry", len(feats), feats.shape[1], ESTEP)
+    try:
+        _submit_all(ray, actor, 1, bad)
+        reply = ray.get(actor.wait_prototypes.remote(1, 0, 30.0))
+        assert reply["status"] == "error" and "epoch 2" in reply["message"] and "NaN" in reply["message"]
+        assert ray.get(actor.wait_prototypes.remote(1, 1, 1.0))["status"] == "error"  # every rank hears it
+        # the retry: one rank's new shard alone is a new collection, not the old error
+        idx = np.arange(len(feats))[0::2]
+        ray.get(actor.submit_shard.remote(1, 0, ray.put(idx), ray.put(feats[idx])))
+        pending = ray.get(actor.wait_prototypes.remote(1, 0, 0.2))
+        assert pending["status"] == "pending" and pending["phase"] == "collecting"
+        assert pending["ranks"] == [0] and pending["covered"] == len(idx)
+        assert ray.get(actor.wait_prototypes.remote(1, 1, 0.2))["status"] == "missing"
+        _submit_all(ray, actor, 1, feats)
+        reply = ray.get(actor.wait_prototypes.remote(1, 1, 30.0))
+        assert reply["status"] == "ready"
+        pset = ray.get(reply["ref"][0])
+        direct = run_estep(feats, epoch=1, **ESTEP)
+        for got, want in zip(pset.granularities, direct.granularities):
+            np.testing.assert_array_equal(got.assignments, want.assignments)
+        assert ray.get(actor.info.remote())["failed_epochs"] == []
     finally:
         ray.kill(actor)

@@ -142,7 +142,10 @@ def test_compare_two_methods_on_digits(ray_local, tmp_path):
     - {{label: moco, pipeline: {DIGITS}, set: [method.name=moco]}}
     - {{label: simclr, pipeline: {DIGITS}, set: [method.name=simclr]}}
 """)
-    md, out_dir = run_compare(p, [])
+    md, out = run_compare(p, [])
+    out_dir = out.storage.local_path(out.name)  # a local storage: the comparison's folder on this disk
+    assert out.files == [str(out_dir / f) for f in ("comparison.md", "comparison.png", "curves.png",
+                                                     "embeddings.png")]
     assert "| moco | backbone |" in md and "| simclr | head |" in md and "| raw pixels | pixels |" in md
     assert (out_dir / "comparison.md").read_text() == md
     assert (out_dir / "comparison.png").stat().st_size > 1000
@@ -160,8 +163,8 @@ def test_compare_two_methods_on_digits(ray_local, tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["pcl_ray.compare_label"] for r in children) == ["moco", "simclr"]
     # resuming a finished comparison reads every result back and trains nothing
-    md2, out_dir2 = run_compare(p, [], resume=out_dir.name)
-    assert out_dir2 == out_dir and md2 == md
+    md2, out2 = run_compare(p, [], resume=out.name)
+    assert out2.storage.local_path(out2.name) == out_dir and md2 == md
     runs = client.search_runs([exp.experiment_id])
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]) == 2
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"

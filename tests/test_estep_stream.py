@@ -76,20 +76,20 @@ def test_pcl_run_clusters_streamed_embeddings_and_falls_back_after_resume(ray_lo
 
     from pcl_ray.workflow import train
 
-    def cfg(epochs):
-        return load_config(ROOT / "pipelines" / "digits_tiny.yaml", [
-            f"train.epochs={epochs}", "train.warmup_epochs=1", "estep.features=stream",
-            f"ray.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'db'}",
-            "tracking.experiment=stream", "eval.enabled=false"])
+    from pcl_ray.distributed.fault_injection import KILL_FILE
 
-    out = train(cfg(3), run_name="it-stream")
+    cfg = load_config(ROOT / "pipelines" / "digits_tiny.yaml", [
+        "train.epochs=4", "train.warmup_epochs=1", "estep.features=stream", "ray.max_failures=1",
+        f"ray.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'db'}",
+        "tracking.experiment=stream", "eval.enabled=false"])
+    # rank 0 dies in epoch 4: the restarted workers resume after epoch 3 with no streamed embeddings
+    (tmp_path / "runs" / "it-stream").mkdir(parents=True)
+    (tmp_path / "runs" / "it-stream" / KILL_FILE).write_text("3:1:0")
+    out = train(cfg, run_name="it-stream")
     client = MlflowClient(out.tracking_uri)
     source = client.get_metric_history(out.mlflow_run_id, "estep/from_stream")
-    assert [(m.step, m.value) for m in source] == [(2, 1.0), (3, 1.0)]  # epoch 1's and 2's M-step embeddings
-    ami = client.get_metric_history(out.mlflow_run_id, "estep/k10/ami_labels")
-    assert [m.step for m in ami] == [2, 3] and all(0.0 <= m.value <= 1.0 for m in ami)
-    assert client.get_run(out.mlflow_run_id).data.params["estep.features"] == "stream"
-
-    again = train(cfg(4), run_name="it-stream")  # resumed: no embeddings from epoch 3 in this process
-    source = client.get_metric_history(again.mlflow_run_id, "estep/from_stream")
+    # epochs 2 and 3 cluster epoch 1's and 2's M-step embeddings; epoch 4, after the resume, an eval pass
     assert [(m.step, m.value) for m in source] == [(2, 1.0), (3, 1.0), (4, 0.0)]
+    ami = client.get_metric_history(out.mlflow_run_id, "estep/k10/ami_labels")
+    assert [m.step for m in ami] == [2, 3, 4] and all(0.0 <= m.value <= 1.0 for m in ami)
+    assert client.get_run(out.mlflow_run_id).data.params["estep.features"] == "stream"

@@ -15,7 +15,9 @@ Two storage modes:
 
 from __future__ import annotations
 
+import bisect
 import io
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .errors import BadImageError, reason
 
 __all__ = [
     "IndexedImages",
@@ -115,29 +119,71 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float,
 
 
 class LazyDecoder:
-    """Decodes item ``i`` of ``items`` into a ``C×size×size`` uint8 tensor on access."""
+    """Decodes item ``i`` of ``items`` into a ``C×size×size`` uint8 tensor on access.
 
-    def __init__(self, items: Sequence[Any], size: int, channels: int) -> None:
+    An item that does not decode raises :class:`~pcl_ray.data.errors.BadImageError` naming it
+    (:meth:`describe`). With ``skip_bad=True`` (``data.skip_bad_images``) it is replaced by the next
+    item that decodes, with one warning line per bad item; the index that travels with it stays ``i``.
+    """
+
+    #: How many following items a skipped bad item may try before giving up.
+    MAX_SUBSTITUTE_TRIES = 16
+
+    def __init__(self, items: Sequence[Any], size: int, channels: int, *, skip_bad: bool = False) -> None:
         self.items = items
         self.size = size
         self.channels = channels
+        self.skip_bad = bool(skip_bad)
+        self._warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        try:
+            return self.decode(i)
+        except Exception as exc:
+            if not self.skip_bad:
+                raise self.bad_image(i, exc) from None
+            why = reason(exc)
+        for step in range(1, min(self.MAX_SUBSTITUTE_TRIES, len(self) - 1) + 1):
+            j = (i + step) % len(self)
+            try:
+                image = self.decode(j)
+            except Exception:
+                continue
+            if i not in self._warned:
+                self._warned.add(i)
+                print(f"[pcl-ray] warning: {self.describe(i)}: cannot decode the image ({why}); using "
+                      f"{self.describe(j)} in its place (data.skip_bad_images=true)", file=sys.stderr, flush=True)
+            return image
+        raise BadImageError(f"{self.describe(i)}: cannot decode the image ({why}), and none of the next "
+                            f"{self.MAX_SUBSTITUTE_TRIES} images decodes either (data.skip_bad_images=true "
+                            "has nothing to replace it with)")
+
+    def decode(self, i: int) -> torch.Tensor:
+        """Item ``i`` as a tensor; raises whatever the image library raises on a bad item."""
         mode = "L" if self.channels == 1 else "RGB"
         with self.open(self.items[i]) as img:
             img.draft(mode, (self.size, self.size))  # JPEG: decode at a reduced scale ≥ size
             img = img.convert(mode)
         return pil_to_tensor(resize_center_crop_pil(img, self.size), self.channels)
 
+    def bad_image(self, i: int, exc: BaseException) -> BadImageError:
+        """The error for item ``i`` failing to decode with ``exc``."""
+        return BadImageError(f"{self.describe(i)}: cannot decode the image ({reason(exc)}); replace or remove it, "
+                             "or set data.skip_bad_images=true to train on without it")
+
+    def describe(self, i: int) -> str:
+        """Where item ``i`` comes from, for messages."""
+        return f"image {i}"
+
     def open(self, item: Any) -> Image.Image:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def take(self, n: int) -> LazyDecoder:
         """The decoder restricted to the first ``n`` items."""
-        return type(self)(self.items[:n], self.size, self.channels)
+        return type(self)(self.items[:n], self.size, self.channels, skip_bad=self.skip_bad)
 
 
 class FileDecoder(LazyDecoder):
@@ -146,12 +192,39 @@ class FileDecoder(LazyDecoder):
     def open(self, item: str) -> Image.Image:
         return Image.open(item)
 
+    def describe(self, i: int) -> str:
+        return str(self.items[i])
+
 
 class BytesDecoder(LazyDecoder):
-    """Items are encoded image bytes (PNG/JPEG, e.g. from a Parquet column)."""
+    """Items are encoded image bytes (PNG/JPEG, e.g. from a Parquet column).
+
+    ``origins``: ``(file, first item index)`` pairs in item order, naming where the bytes were read
+    from (item ``i`` is row ``i - first`` of the last file whose first index is ``<= i``).
+    """
+
+    def __init__(self, items: Sequence[Any], size: int, channels: int, *, skip_bad: bool = False,
+                 origins: Sequence[tuple[str, int]] = ()) -> None:
+        super().__init__(items, size, channels, skip_bad=skip_bad)
+        self.origins = [(str(f), int(start)) for f, start in origins]
 
     def open(self, item: bytes) -> Image.Image:
+        if not isinstance(item, (bytes, bytearray, memoryview)):
+            raise TypeError(f"expected encoded image bytes, got {type(item).__name__}")
         return Image.open(io.BytesIO(item))
+
+    def describe(self, i: int) -> str:
+        if not self.origins:
+            return f"image {i}"
+        k = bisect.bisect_right([start for _, start in self.origins], i) - 1
+        if k < 0:
+            return f"image {i}"
+        file, start = self.origins[k]
+        return f"{file} row {i - start}"
+
+    def take(self, n: int) -> BytesDecoder:
+        return BytesDecoder(self.items[:n], self.size, self.channels, skip_bad=self.skip_bad,
+                            origins=[(f, s) for f, s in self.origins if s < n])
 
 
 # --------------------------------------------------------------------------------------

@@ -34,6 +34,11 @@ parquet        Parquet shards with an encoded-image column (``data.image_column`
                else lazy like imagefolder.
 ============== =====================================================================
 
+Every problem with the files is a one-line :class:`~pcl_ray.data.errors.DataError` (a ConfigError)
+naming the config key or the file; lazily decoded splits are checked by decoding a small seeded sample
+of their images when they load (:func:`pcl_ray.data.checks.check_decodes`). ``data.skip_bad_images``
+(when the config has it) replaces an image that fails later with the next one that decodes.
+
 After loading, ``data.subset`` keeps the first N training images and ``data.test_subset``
 the first N test images; then in-memory splits are resized to ``data.image_size`` when it
 is set (shorter side + centre crop, antialiased), so every split yields
@@ -58,6 +63,8 @@ from .dataset import (
     IndexedImages,
     channel_stats,
 )
+from .checks import check_decodes
+from .errors import DataError, DataNotFoundError, reason
 from .idx import read_idx
 
 __all__ = [
@@ -138,10 +145,10 @@ def _find_idx(directory: Path, stem: str) -> Path:
     for candidate in (directory / f"{stem}.gz", directory / stem):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"Fashion-MNIST file {stem}.gz not found in {directory}. Install the offline data set with "
         f"`apt-get install dataset-fashion-mnist` (files land in {DEFAULT_FMNIST_DIR}), or point "
-        f"data.root (or ${FMNIST_ENV}) at a directory holding the four idx .gz files."
+        f"data.root (or ${FMNIST_ENV}) at a directory holding the four idx .gz files"
     )
 
 
@@ -152,7 +159,7 @@ def load_fashion_mnist(cfg: Any, split: str) -> IndexedImages:
     images = read_idx(_find_idx(directory, f"{prefix}-images-idx3-ubyte"), expect_ndim=3)
     labels = read_idx(_find_idx(directory, f"{prefix}-labels-idx1-ubyte"), expect_ndim=1)
     if images.dtype != np.uint8 or len(images) != len(labels):
-        raise ValueError(
+        raise DataError(
             f"Fashion-MNIST files in {directory} disagree: {images.shape} {images.dtype} images, {labels.shape} labels"
         )
     return _in_memory(
@@ -194,13 +201,15 @@ def _torchvision_root(cfg: Any) -> Path:
 def _open_torchvision(name: str, factory: Callable[..., Any], root: Path, download: bool, **kwargs: Any) -> Any:
     try:
         return factory(root=str(root), download=download, **kwargs)
-    except RuntimeError as err:
+    except Exception as err:
         if download:
-            raise
-        raise FileNotFoundError(
-            f"{name} not found (or corrupted) under {root}: {err}. Set data.download=true to fetch it, "
-            f"or point data.root at the directory that holds torchvision's extracted files."
-        ) from err
+            raise DataError(f"data.download: fetching {name} into {root} failed ({reason(err)})") from None
+        if not isinstance(err, (RuntimeError, OSError)):
+            raise DataError(f"data.root: the {name} files under {root} do not load ({reason(err)})") from None
+        raise DataNotFoundError(
+            f"{name} not found (or corrupted) under {root}: {reason(err)}. Set data.download=true to fetch it, "
+            f"or point data.root at the directory that holds torchvision's extracted files"
+        ) from None
 
 
 def load_cifar(cfg: Any, split: str, *, num_classes: int) -> IndexedImages:
@@ -232,10 +241,15 @@ def load_stl10(cfg: Any, split: str) -> IndexedImages:
 # --------------------------------------------------------------------------------------
 
 
+def _skip_bad(cfg: Any) -> bool:
+    """``data.skip_bad_images``: replace images that fail to decode during training instead of stopping."""
+    return bool(getattr(cfg, "skip_bad_images", False))
+
+
 def _required_root(cfg: Any) -> Path:
     root = _opt(cfg, "root")
     if root is None:
-        raise ValueError(f"data.root is required for data.name={cfg.name!r}")
+        raise DataError(f"data.root: required for data.name={cfg.name!r} (the folder or file holding the data set)")
     return Path(root).expanduser()
 
 
@@ -245,19 +259,26 @@ def load_imagefolder(cfg: Any, split: str) -> IndexedImages:
 
     root = _required_root(cfg)
     candidates = ["train"] if split == "train" else ["test", "val"]
+    if not root.is_dir():
+        raise DataNotFoundError(f"data.root: {root} is not a folder (imagefolder expects "
+                                f"{root}/train/<class>/<image> and {root}/val/<class>/<image>)")
     split_dir = next((root / c for c in candidates if (root / c).is_dir()), None)
     if split_dir is None:
-        raise FileNotFoundError(
-            f"imagefolder: no {' or '.join(candidates)} directory under {root} "
+        raise DataNotFoundError(
+            f"data.root: imagefolder has no {' or '.join(f'{c}/' for c in candidates)} folder under {root} "
             f"(expected {root}/{candidates[-1]}/<class>/<image>)"
         )
-    classes, class_to_idx = find_classes(str(split_dir))
-    samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS)
+    try:
+        classes, class_to_idx = find_classes(str(split_dir))
+        samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS)
+    except (FileNotFoundError, OSError) as exc:  # no class folders, or class folders without images
+        raise DataError(f"data.root: imagefolder split {split_dir} holds no images in <class>/ folders "
+                        f"({reason(exc)})") from None
     size = int(_opt(cfg, "image_size", DEFAULT_LAZY_IMAGE_SIZE))
     paths = [path for path, _ in samples]
     labels = np.array([label for _, label in samples], dtype=np.int64)
     return IndexedImages(
-        decoder=FileDecoder(paths, size, channels=3),
+        decoder=FileDecoder(paths, size, channels=3, skip_bad=_skip_bad(cfg)),
         labels=labels,
         num_classes=len(classes),
         mean=IMAGENET_MEAN,
@@ -279,10 +300,13 @@ def _parquet_files(root: Path, split: str) -> list[Path]:
     if root.is_file():
         if split == "train":
             return [root]
-        raise FileNotFoundError(
-            f"parquet: data.root={root} is a single file, used as the training split only; "
+        raise DataNotFoundError(
+            f"data.root: parquet {root} is a single file, used as the training split only; "
             f"for a test split use a directory with test*.parquet files or a test/ subdirectory"
         )
+    if not root.is_dir():
+        raise DataNotFoundError(f"data.root: {root} does not exist (parquet expects a folder of *.parquet "
+                                "shards or one .parquet file)")
     for name in _PARQUET_SPLIT_NAMES[split]:
         if (root / name).is_dir():
             files = sorted((root / name).glob("*.parquet"))
@@ -291,69 +315,99 @@ def _parquet_files(root: Path, split: str) -> list[Path]:
         if files:
             return files
     patterns = ", ".join(f"{root}/{n}/*.parquet or {root}/{n}*.parquet" for n in _PARQUET_SPLIT_NAMES[split])
-    raise FileNotFoundError(f"parquet: no files for split {split!r}; looked for {patterns}")
+    raise DataNotFoundError(f"data.root: parquet has no files for split {split!r}; looked for {patterns}")
 
 
-def _image_bytes(column: Any, name: str) -> list[bytes | None]:
+def _image_bytes(column: Any, name: str, path: Path) -> list[Any]:
     import pyarrow as pa
 
     if pa.types.is_struct(column.type):
         if column.type.get_field_index("bytes") < 0:
-            raise ValueError(f"parquet: struct column data.image_column={name!r} has no 'bytes' field")
+            raise DataError(f"data.image_column: struct column {name!r} of {path} has no 'bytes' field")
         field_type = column.type.field(column.type.get_field_index("bytes")).type
         column = pa.chunked_array([chunk.field("bytes") for chunk in column.chunks], type=field_type)
     if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-        raise ValueError(f"parquet: data.image_column={name!r} has type {column.type}, expected encoded image bytes")
+        raise DataError(f"data.image_column: column {name!r} of {path} has type {column.type}, expected encoded "
+                        "image bytes (PNG/JPEG)")
     return column.to_pylist()
 
 
-def _parquet_labels(column: Any, name: str) -> np.ndarray:
+def _parquet_labels(column: Any, name: str, path: Path) -> np.ndarray:
     import pyarrow as pa
 
     if not pa.types.is_integer(column.type):
-        raise ValueError(
-            f"parquet: data.label_column={name!r} has type {column.type}; integer class ids are required "
+        raise DataError(
+            f"data.label_column: column {name!r} of {path} has type {column.type}; integer class ids are required "
             f"(map names to ids when writing the shards so that train and test agree)"
         )
-    return np.array([-1 if v is None else v for v in column.to_pylist()], dtype=np.int64)
+    values = np.array([-1 if v is None else v for v in column.to_pylist()], dtype=np.int64)
+    if (values < -1).any():
+        raise DataError(f"data.label_column: column {name!r} of {path} has negative class ids "
+                        f"(e.g. {int(values.min())}); use 0..C-1, or null where unknown")
+    return values
+
+
+def _read_shard(path: Path, image_col: str, label_col: str) -> tuple[list[Any], np.ndarray]:
+    """Image bytes and labels (-1 where unknown) of one Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({reason(exc)})") from None
+    if image_col not in names:
+        raise DataError(f"data.image_column: {path} has no column {image_col!r}; columns: {names}")
+    has_label = bool(label_col) and label_col in names
+    try:
+        table = pq.read_table(path, columns=[image_col, label_col] if has_label else [image_col])
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: the Parquet data does not read ({reason(exc)})") from None
+    blobs = _image_bytes(table.column(image_col), image_col, path)
+    missing = [i for i, b in enumerate(blobs) if b is None]
+    if missing:
+        raise DataError(f"data.image_column: {path} has {len(missing)} row(s) with no image bytes in column "
+                        f"{image_col!r} (first: row {missing[0]})")
+    if has_label:
+        labels = _parquet_labels(table.column(label_col), label_col, path)
+    else:
+        labels = np.full(table.num_rows, -1, np.int64)
+    return blobs, labels
 
 
 def load_parquet(cfg: Any, split: str) -> IndexedImages:
     """Parquet shards; in memory when every image has the same size, else lazy."""
-    import pyarrow.parquet as pq
-
     root = _required_root(cfg)
     image_col = _opt(cfg, "image_column", "image")
     label_col = _opt(cfg, "label_column", "label")
-    blobs: list[bytes | None] = []
+    blobs: list[bytes] = []
     labels: list[np.ndarray] = []
+    origins: list[tuple[str, int]] = []
     for path in _parquet_files(root, split):
-        names = pq.read_schema(path).names
-        if image_col not in names:
-            raise ValueError(f"parquet: {path} has no column data.image_column={image_col!r}; columns: {names}")
-        has_label = bool(label_col) and label_col in names
-        table = pq.read_table(path, columns=[image_col, label_col] if has_label else [image_col])
-        blobs.extend(_image_bytes(table.column(image_col), image_col))
-        labels.append(
-            _parquet_labels(table.column(label_col), label_col) if has_label else np.full(table.num_rows, -1, np.int64)
-        )
-    if any(b is None for b in blobs):
-        raise ValueError(f"parquet: split {split!r} under {root} has rows with no image bytes")
+        shard_blobs, shard_labels = _read_shard(path, image_col, label_col)
+        origins.append((str(path), len(blobs)))
+        blobs.extend(shard_blobs)
+        labels.append(shard_labels)
     label_arr = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     num_classes = int(label_arr.max()) + 1 if (label_arr >= 0).any() else 0
+    names = BytesDecoder(blobs, 1, 1, origins=origins)  # names rows in messages
 
     # Headers only: sizes and modes decide between one in-memory tensor and lazy decoding.
     sizes, modes = set(), set()
-    for blob in blobs:
-        with Image.open(io.BytesIO(blob)) as img:
-            sizes.add(img.size)
-            modes.add(img.mode)
+    for i, blob in enumerate(blobs):
+        try:
+            with Image.open(io.BytesIO(blob)) as img:
+                sizes.add(img.size)
+                modes.add(img.mode)
+        except Exception as exc:
+            raise names.bad_image(i, exc) from None
     channels = 1 if modes <= {"L", "1", "I", "I;16", "F"} else 3
     if len(sizes) <= 1:
         # One size: decode everything now (non-square images are centre-cropped to a square;
-        # load_split resizes to data.image_size afterwards).
+        # load_split resizes to data.image_size afterwards). A bad image fails here, skip_bad or not:
+        # nothing is lost by asking for a clean file before training starts.
         w, h = next(iter(sizes)) if sizes else (1, 1)
-        decoder = BytesDecoder(blobs, min(w, h), channels)
+        decoder = BytesDecoder(blobs, min(w, h), channels, origins=origins)
         tensor = torch.empty((len(blobs), channels, decoder.size, decoder.size), dtype=torch.uint8)
         for i in range(len(blobs)):
             tensor[i] = decoder[i]
@@ -363,7 +417,7 @@ def load_parquet(cfg: Any, split: str) -> IndexedImages:
         )
     size = int(_opt(cfg, "image_size", DEFAULT_LAZY_IMAGE_SIZE))
     return IndexedImages(
-        decoder=BytesDecoder(blobs, size, channels),
+        decoder=BytesDecoder(blobs, size, channels, skip_bad=_skip_bad(cfg), origins=origins),
         labels=label_arr,
         num_classes=num_classes,
         mean=(0.5,) * channels,
@@ -392,17 +446,25 @@ def load_split(cfg: Any, split: str) -> IndexedImages:
     """Load one split (``"train"`` or ``"test"``) of the data set named by ``cfg.name``.
 
     Applies ``cfg.subset`` (train) / ``cfg.test_subset`` (test), then resizes in-memory
-    splits to ``cfg.image_size`` when set. Item ``i`` of the result is ``(image, i)``.
+    splits to ``cfg.image_size`` when set. Item ``i`` of the result is ``(image, i)``. A lazily
+    decoded split is checked by decoding a seeded sample of its images.
 
     Raises:
-        ValueError: unknown ``data.name`` or split, or malformed data.
-        FileNotFoundError: the files are missing (the message says how to get them).
+        DataError (a ConfigError and ValueError): unknown ``data.name`` or split, malformed or
+            empty data, an image of the sample that does not decode (BadImageError).
+        DataNotFoundError (also a FileNotFoundError): the files are missing (the message says
+            how to get them).
     """
     name = getattr(cfg, "name", None)
     if name not in DATA_SOURCES:
-        raise ValueError(f"unknown data.name {name!r}; choose one of: {', '.join(DATA_SOURCES)}")
+        raise DataError(f"data.name: unknown data set {name!r}; choose one of: {', '.join(DATA_SOURCES)}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     ds = DATA_SOURCES[name](cfg, split)
+    if len(ds) == 0:
+        raise DataError(f"data.root: the {split} split of {name} has no images"
+                        + (f" under {_opt(cfg, 'root')}" if _opt(cfg, "root") else ""))
     ds = ds.take(_opt(cfg, "subset") if split == "train" else _opt(cfg, "test_subset"))
+    if ds.decoder is not None:
+        check_decodes(ds)
     return ds.resized(_opt(cfg, "image_size"))

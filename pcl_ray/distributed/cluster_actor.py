@@ -42,12 +42,20 @@ class ClusterActor:
         self._published: dict[int, ray.ObjectRef] = {}
         self._errors: dict[int, str] = {}
         self._running: set[int] = set()
+        # A restarted actor cannot know whether some ranks fetched its first epoch from the incarnation
+        # before: its pending replies for that epoch say so (``after_restart``), and the ranks then wait
+        # only a grace period for shards that may never come again (pcl_ray/distributed/handoff.py).
+        self._restarted = _was_restarted()
+        self._first_epoch: int | None = None
 
     # ---------------------------------------------------------------- hand-off
     async def submit_shard(self, epoch: int, rank: int, indices: np.ndarray, embeddings: np.ndarray) -> int:
         """Store one worker's embeddings for ``epoch``; start the E-step when the index space is covered."""
         if epoch in self._published or epoch in self._running:
             return epoch  # a retried submission after the epoch's E-step started: nothing to do
+        if epoch in self._errors:
+            # a fresh attempt after a failed E-step (a Train retry): collect the epoch again from scratch
+            self._start_over(epoch)
         indices = np.asarray(indices, dtype=np.int64)
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.shape != (indices.shape[0], self.dim):
@@ -55,6 +63,8 @@ class ClusterActor:
                              f"{indices.shape[0]} indices x dim {self.dim}")
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
             raise ValueError(f"shard of rank {rank}: indices outside [0, {self.num_samples})")
+        if self._first_epoch is None:
+            self._first_epoch = epoch
         covered = self._covered.setdefault(epoch, np.zeros(self.num_samples, dtype=bool))
         self._ranks.setdefault(epoch, set()).add(rank)
         self.store[indices] = embeddings
@@ -70,7 +80,9 @@ class ClusterActor:
 
         Returns ``{"status": "ready", "ref": [ObjectRef]}``; ``{"status": "missing"}`` when this actor
         holds no shard of ``rank`` for the epoch (it was restarted: the caller submits again);
-        ``{"status": "pending"}`` on timeout; ``{"status": "error", "message": ...}`` if the E-step failed.
+        ``{"status": "pending", ...}`` on timeout, with what the actor holds (:meth:`_progress`);
+        ``{"status": "error", "message": ...}`` if the E-step failed. A later :meth:`submit_shard` for a
+        failed epoch clears its error and starts the collection over.
         """
         if epoch in self._errors:
             return {"status": "error", "message": self._errors[epoch]}
@@ -79,7 +91,7 @@ class ClusterActor:
         try:
             await asyncio.wait_for(self._event(epoch).wait(), timeout=timeout_s)
         except asyncio.TimeoutError:
-            return {"status": "pending"}
+            return {"status": "pending", **self._progress(epoch)}
         if epoch in self._errors:
             return {"status": "error", "message": self._errors[epoch]}
         return {"status": "ready", "ref": [self._published[epoch]]}  # wrapped: the caller gets the ref itself
@@ -95,11 +107,34 @@ class ClusterActor:
             "num_samples": self.num_samples,
             "dim": self.dim,
             "published_epochs": sorted(self._published),
+            "running_epochs": sorted(self._running),
+            "failed_epochs": sorted(self._errors),
+            "restarted": self._restarted,
             "pid": os.getpid(),
             "gpu_ids": ray.get_gpu_ids(),
         }
 
     # ---------------------------------------------------------------- internals
+    def _progress(self, epoch: int) -> dict[str, Any]:
+        """What this actor holds of ``epoch``: ``phase`` "running" (E-step under way) or "collecting",
+        the ranks that submitted and how many of the ``num_samples`` indices their shards cover."""
+        covered = self._covered.get(epoch)
+        return {
+            "phase": "running" if epoch in self._running else "collecting",
+            "ranks": sorted(self._ranks.get(epoch, set())),
+            "covered": self.num_samples if covered is None and epoch in self._running else
+            int(covered.sum()) if covered is not None else 0,
+            "num_samples": self.num_samples,
+            "after_restart": bool(self._restarted and self._first_epoch is not None and epoch <= self._first_epoch),
+        }
+
+    def _start_over(self, epoch: int) -> None:
+        """Forget a failed epoch: its error, its coverage, its ranks and its (already set) event."""
+        self._errors.pop(epoch, None)
+        self._covered.pop(epoch, None)
+        self._ranks.pop(epoch, None)
+        self._ready.pop(epoch, None)  # waiters of the failed attempt were woken with the error already
+
     def _event(self, epoch: int) -> asyncio.Event:
         if epoch not in self._ready:
             self._ready[epoch] = asyncio.Event()
@@ -115,7 +150,7 @@ class ClusterActor:
             self._published[epoch] = ray.put(pset)
             log.info("E-step epoch %d done in %.2fs", epoch, time.perf_counter() - t0)
         except Exception as exc:  # surfaced to every waiting worker
-            self._errors[epoch] = f"E-step for epoch {epoch} failed: {type(exc).__name__}: {exc}"
+            self._errors[epoch] = f"E-step of epoch {epoch + 1} failed: {type(exc).__name__}: {exc}"
         finally:
             self._running.discard(epoch)
             self._covered.pop(epoch, None)
@@ -124,6 +159,18 @@ class ClusterActor:
                 del self._published[old]
                 self._ready.pop(old, None)
                 self._ranks.pop(old, None)
+
+
+def _was_restarted() -> bool:
+    """True in an actor that Ray restarted after a crash (asked once, at construction)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # Ray's property reads a deprecated attribute of its own
+            warnings.simplefilter("ignore")
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not inside an actor (a test building the class directly), or no answer
+        return False
 
 
 def actor_name(run_name: str) -> str:

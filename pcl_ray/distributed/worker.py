@@ -185,7 +185,9 @@ def train_loop(loop_config: dict) -> None:
             metrics["estep/from_stream"] = float(streamed is not None and streamed.epoch == epoch - 1)
             streamed = None
             idx_ref, emb_ref = ray.put(own), ray.put(emb)
-            pset = fetch_prototypes(actor, epoch, rank, lambda: actor.submit_shard.remote(epoch, rank, idx_ref, emb_ref),
+            pset = fetch_prototypes(actor, epoch, rank,
+                                    lambda: actor.submit_shard.remote(epoch, rank, idx_ref, emb_ref),
+                                    timeout_s=cfg.estep.handoff_timeout_s, grace_s=cfg.estep.handoff_grace_s,
                                     device=device)
             prototypes = pset.to_torch(device)
             method.on_prototypes(prototypes)

@@ -46,7 +46,7 @@ from ..models import Encoder, build_encoder
 from .clustering import cluster_metrics
 from .embedding_plot import plot_embedding
 from .export import export_backbone, export_embeddings
-from .features import embed
+from .features import embed, eval_device
 from .finetune import finetune_backbone
 from .knn import knn_accuracies
 from .linear_probe import fit_linear_probe
@@ -106,12 +106,15 @@ def encoder_from_state(cfg: ExperimentConfig, method_state: Mapping[str, torch.T
 
 
 def _embed_split(enc: Encoder, ds: IndexedImages, views: ViewMaker, feature: str) -> np.ndarray:
+    device = eval_device()
+    enc = enc.to(device)
+
     def features(images: torch.Tensor) -> torch.Tensor:
-        h = enc.features(views.eval(images))
+        h = enc.features(views.eval(images.to(device, non_blocking=True)))
         return F.normalize(enc.head(h), dim=1) if feature == "head" else h
 
     batches = (b for b, _ in iterate_batches(ds, None, 512, shuffle=False, seed=0, drop_last=False))
-    return embed(features, batches)
+    return embed(features, batches, total=len(ds))  # filled in place: the features are held once
 
 
 @dataclass
@@ -138,6 +141,8 @@ class _Context:
         ds, x = (self.train, self.train_feats) if split == "train" else (self.test, self.test_feats)
         assert x is not None
         known = ds.labels >= 0
+        if known.all():  # the usual case: no copy of the features
+            return x, ds.labels
         return x[known], ds.labels[known]
 
 

@@ -162,8 +162,13 @@ def plot_metric_curves(rows: Sequence[TrialRow], spec: SweepSpec, path: str | os
     return out
 
 
-def write_best_config(best: TrialRow, spec: SweepSpec, sweep: str, path: str | os.PathLike[str]) -> Path:
-    """The base pipeline (+ --set) with the best trial's values, as a pipeline ``run.py train`` accepts."""
+def write_best_config(best: TrialRow, spec: SweepSpec, sweep: str, path: str | os.PathLike[str],
+                      shown_as: str | None = None) -> Path:
+    """The base pipeline (+ --set) with the best trial's values, as a pipeline ``run.py train`` accepts.
+
+    ``shown_as``: where the file will live for the user (its header says how to train it), when ``path``
+    is only where it is made before the upload to the storage.
+    """
     raw = trial_raw(spec.base_raw, best.values)
     for key, original in spec.pinned.items():  # e.g. estep.backend, pinned for the sweep's reservations
         if key in best.values:
@@ -182,7 +187,8 @@ def write_best_config(best: TrialRow, spec: SweepSpec, sweep: str, path: str | o
         f"mode {spec.tune.mode}, {spec.tune.scope} epoch).",
         f"# Base: {spec.pipeline}" + (f" with --set {' '.join(spec.overrides)}" if spec.overrides else ""),
         "# Swept values: " + ", ".join(f"{k}={_fmt(v)}" for k, v in best.values.items()),
-        f"# Train it: python run.py train {path}",
+        (f"# Train it: python run.py train {shown_as or path}" if "://" not in (shown_as or "") else
+         f"# Train it: download {shown_as}, then python run.py train best_config.yaml"),
     ]
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,16 @@
 """Run a sweep: Ray (local with driver slots, or attached), the Tuner (new or restored), MLflow parent run.
 
-Layout under the storage root (``ray.storage_path``, default ``<project>/runs``)::
+Layout under the storage root (``ray.storage_path``: a local folder, ``file://`` or an object store; every
+file goes through :class:`~pcl_ray.storage.Storage`, written whole)::
 
     <root>/<sweep>/                       Tune experiment (trial dirs, experiment state) + the sweep's outputs:
         trials.csv  metric_vs_params.png  metric_curves.png  best_config.yaml
+        pbt_checkpoints/                  PBT: the Train states that clones start from
     <root>/<sweep>-<trial_id>/            each trial's Ray Train run (checkpoints), as for `run.py train`
     <root>/.pcl_ray_sweeps/<sweep>.json   what --resume needs: parent MLflow run, the sweep's resolved config
+
+Decided once on the driver for the whole sweep, and saved in that record: ``ray.use_gpu: auto`` (against
+the cluster at the sweep's start) and ``estep.backend: auto``.
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ConfigError, _flatten, build_config
-from ..tracking import RunLogger, ensure_experiment, resolve_uri
+from ..registry import check_name
+from ..storage import Storage
+from ..tracking import RunLogger, ensure_experiment, redact, resolve_uri
 from .report import (
     TrialRow,
     plot_metric_curves,
@@ -38,15 +46,15 @@ LATEST = "__latest__"
 @dataclass
 class SweepOutcome:
     name: str
-    sweep_dir: Path
+    storage: Storage                  # the storage root; the sweep's folder is ``<root>/<name>/``
     parent_run_id: str
     tracking_uri: str
     spec: SweepSpec
     rows: list[TrialRow] = field(default_factory=list)
     interrupted: bool = False
-    csv: Path | None = None
-    best_config: Path | None = None
-    plots: list[Path] = field(default_factory=list)
+    csv: str | None = None            # where the outputs were written: local paths or URIs
+    best_config: str | None = None
+    plots: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> TrialRow | None:
@@ -58,14 +66,29 @@ def sweep_prefix(spec: SweepSpec) -> str:
     return spec.tune.name or spec.pipeline.stem
 
 
-def _meta_path(root: Path, name: str) -> Path:
-    return root / META_DIR / f"{name}.json"
+def meta_rel(name: str) -> str:
+    return f"{META_DIR}/{name}.json"
 
 
-def latest_sweep(root: Path, prefix: str) -> str | None:
-    metas = [p for p in (root / META_DIR).glob("*.json") if json.loads(p.read_text()).get("prefix") == prefix]
-    metas.sort(key=lambda p: json.loads(p.read_text()).get("created", 0))
-    return metas[-1].stem if metas else None
+def latest_sweep(storage: Storage, prefix: str) -> str | None:
+    """The most recently created sweep of ``prefix`` recorded under the storage root, or None."""
+    found = []
+    for entry, is_dir, _ in storage.list(META_DIR):
+        if is_dir or not entry.endswith(".json") or entry.startswith("."):
+            continue
+        try:
+            meta = storage.read_json(f"{META_DIR}/{entry}")
+        except ValueError:  # not a record of ours
+            continue
+        if meta.get("prefix") == prefix:
+            found.append((float(meta.get("created", 0)), entry[: -len(".json")]))
+    return max(found)[1] if found else None
+
+
+def tune_location(storage: Storage, name: str) -> tuple[str, dict[str, Any]]:
+    """The Tune experiment's path and the ``storage_filesystem`` keyword (for restore and analysis)."""
+    fs = storage.ray_kwargs().get("storage_filesystem")
+    return storage.path(name), ({"storage_filesystem": fs} if fs is not None else {})
 
 
 def count_trials(tcfg: TuneConfig) -> int:
@@ -84,10 +107,13 @@ def describe(spec: SweepSpec, concurrency: int | None = None) -> str:
     elif sched == "pbt":
         sched += f" (perturbation every {t.scheduler.perturbation_interval} epochs)"
     lines.append(f"metric: {t.metric} ({t.mode}, {t.scope} epoch); scheduler: {sched}")
+    gpu = spec.base_cfg.ray.use_gpu
+    device = "GPU" if gpu is True else ("CPU" if gpu is False else "decided at the sweep's start (ray.use_gpu auto)")
     driver = f"{t.trial_resources.driver_cpus:g} CPU" if t.trial_resources.driver_cpus else f"1 {DRIVER_SLOT}"
     lines.append(f"per trial: driver {driver} + {fp['workers']} Train worker(s) x "
                  f"{spec.base_cfg.ray.cpus_per_worker:g} CPU + cluster actor {fp['actor_cpus']:g} CPU "
-                 f"= {fp['CPU']:g} CPU; trials at once: {concurrency or t.max_concurrent_trials or 'auto'}")
+                 f"= {fp['CPU']:g} CPU; trials at once: {concurrency or t.max_concurrent_trials or 'auto'}; "
+                 f"Train workers on {device}")
     return "\n".join(lines)
 
 
@@ -96,17 +122,21 @@ def _start_ray(spec: SweepSpec, log: Callable[[str], None]) -> int | None:
     """Start (or attach to) Ray; returns how many trials may run at once (None: as many as fit)."""
     import ray
 
+    from ..distributed.connect import attach_address
     from ..distributed.trainer import init_ray
 
     cfg, t = spec.base_cfg, spec.tune
     fp = spec.trial_footprint()
     use_slot = t.trial_resources.driver_cpus == 0
-    if cfg.ray.address:
+    address = attach_address(cfg)  # ray.address, or RAY_ADDRESS (inside `ray job submit`)
+    if address is not None:
         init_ray(cfg)
         if use_slot and ray.cluster_resources().get(DRIVER_SLOT, 0) < 1:
             raise ConfigError(
-                f"the Ray cluster at {cfg.ray.address} has no `{DRIVER_SLOT}` resource: start its head node "
-                f"with `ray start --resources='{{\"{DRIVER_SLOT}\": N}}'` (N = trials at once), or set "
+                f"tune.trial_resources.driver_cpus: 0 puts every trial driver on a `{DRIVER_SLOT}` resource, but "
+                f"the Ray cluster at {address} declares none (Tune would wait forever): declare them on the head "
+                f"node (cluster.yaml's head node type: resources: {{\"{DRIVER_SLOT}\": N}}; by hand: `ray start "
+                f"--head --resources='{{\"{DRIVER_SLOT}\": N}}'`, N = trials at once), or set "
                 "tune.trial_resources.driver_cpus=1 to give each trial driver a CPU")
         return t.max_concurrent_trials
     cpus = os.cpu_count() or 1
@@ -128,6 +158,37 @@ def _start_ray(spec: SweepSpec, log: Callable[[str], None]) -> int | None:
     return concurrency
 
 
+def _pin(spec: SweepSpec, key: str, value: Any) -> None:
+    """Fix ``key`` to ``value`` in the sweep's base config; the user's own value stays for best_config.yaml."""
+    section, leaf = key.split(".")
+    spec.pinned.setdefault(key, spec.base_raw.get(section, {}).get(leaf))
+    spec.base_raw = set_path(spec.base_raw, key, value)
+    spec.base_cfg = build_config(spec.base_raw)
+
+
+def resolve_use_gpu(spec: SweepSpec, log: Callable[[str], None] = print) -> bool:
+    """The sweep's one answer to ``ray.use_gpu: auto``, decided against the cluster as it is at the start.
+
+    A base config with ``auto`` is pinned to it (and saved with the sweep, so a resume keeps it); swept
+    ``auto`` values get it too (see :func:`.trial.trial_config`). On an autoscaling cluster, trials that
+    start after GPU nodes joined then train on the same device as the first ones.
+    """
+    import ray
+
+    base = spec.base_cfg.ray.use_gpu
+    if "ray.use_gpu" in spec.pinned:  # decided when the sweep started (a resume)
+        return bool(base)
+    if base != "auto" and "ray.use_gpu" not in spec.tune.search_space:
+        return bool(base)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    resolved = gpus > 0
+    if base == "auto":
+        _pin(spec, "ray.use_gpu", resolved)
+    log(f"[pcl-ray] ray.use_gpu auto -> {str(resolved).lower()} for the whole sweep (the cluster shows "
+        f"{gpus:g} GPUs now; ray.use_gpu=true waits for the GPU nodes an autoscaler adds)")
+    return resolved
+
+
 def _resolve_estep_backend(spec: SweepSpec, concurrency: int | None) -> None:
     """Pin ``estep.backend: auto`` for the sweep so that each trial's reservation matches its actor."""
     import ray
@@ -138,9 +199,7 @@ def _resolve_estep_backend(spec: SweepSpec, concurrency: int | None) -> None:
     gpus = ray.cluster_resources().get("GPU", 0)
     worker_gpus = cfg.ray.num_workers if (cfg.ray.use_gpu is True or (cfg.ray.use_gpu == "auto" and gpus > 0)) else 0
     backend = "gpu" if gpus >= (concurrency or 1) * (worker_gpus + 1) else "cpu"
-    spec.pinned.setdefault("estep.backend", spec.base_raw.get("estep", {}).get("backend"))
-    spec.base_raw = set_path(spec.base_raw, "estep.backend", backend)
-    spec.base_cfg = build_config(spec.base_raw)
+    _pin(spec, "estep.backend", backend)
 
 
 # ----------------------------------------------------------------------------- Tune
@@ -148,7 +207,7 @@ def _trial_dirname(trial) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
-def _build_tuner(spec: SweepSpec, name: str, root: Path, trainable, concurrency: int | None):
+def _build_tuner(spec: SweepSpec, name: str, storage: Storage, trainable, concurrency: int | None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
     from ray.tune.search import BasicVariantGenerator
@@ -178,7 +237,7 @@ def _build_tuner(spec: SweepSpec, name: str, root: Path, trainable, concurrency:
             search_alg=BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency or 0),
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(root), verbose=1,
+            name=name, **storage.ray_kwargs(), verbose=1,
             failure_config=tune.FailureConfig(max_failures=t.max_failures)),
     )
 
@@ -204,12 +263,17 @@ def _metric_series(df, metric: str) -> list[tuple[int, float]]:
     return [(int(a), float(b)) for a, b in zip(sub[x], sub[metric])]
 
 
-def collect_rows(spec: SweepSpec, sweep_dir: Path, logger: RunLogger) -> list[TrialRow]:
-    """One row per trial, and the trial's MLflow runs marked with how it ended."""
+def collect_rows(spec: SweepSpec, sweep_dir: str | Path, logger: RunLogger,
+                 filesystem_kwargs: dict[str, Any] | None = None) -> list[TrialRow]:
+    """One row per trial, and the trial's MLflow runs marked with how it ended.
+
+    ``sweep_dir``: the Tune experiment's path (in ``storage_filesystem`` when ``filesystem_kwargs`` give one).
+    """
     from ray.tune import ExperimentAnalysis
 
     t = spec.tune
-    ea = ExperimentAnalysis(str(sweep_dir), default_metric=t.metric, default_mode=t.mode)
+    ea = ExperimentAnalysis(str(sweep_dir), default_metric=t.metric, default_mode=t.mode,
+                            **(filesystem_kwargs or {}))
     runs = _child_runs(logger, spec.base_cfg.tracking.experiment)
     dfs = ea.trial_dataframes
     rows = []
@@ -275,41 +339,64 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
+def _sweep_name(spec: SweepSpec, name: str | None, resume: str | None, storage: Storage) -> str:
+    """The sweep's name: checked safe (it names folders in the storage), from --resume, --name or generated."""
+    prefix = sweep_prefix(spec)
+    if resume:
+        if resume == LATEST:
+            found = latest_sweep(storage, prefix)
+            if found is None:
+                raise ConfigError(f"--resume: no sweep of {prefix!r} under {storage.uri}")
+            return found
+        check_name(resume, "--resume")
+        if not storage.is_file(meta_rel(resume)):
+            raise ConfigError(f"--resume: no sweep {resume!r} under {storage.uri}")
+        return resume
+    if name is not None:
+        check_name(name, "--name")
+    else:
+        name = check_name(f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}", "tune.name")
+    if storage.exists(meta_rel(name)) or storage.exists(name):
+        raise ConfigError(f"--name: sweep {name!r} already exists under {storage.uri}: continue it with "
+                          f"--resume {name}")
+    return name
+
+
 def run_sweep(spec: SweepSpec, *, name: str | None = None, resume: str | None = None,
               log: Callable[[str], None] = print) -> SweepOutcome:
     from ray import tune
 
-    from ..workflow import storage_root
+    from ..distributed.connect import alive_nodes, check_multi_node
+    from ..tracking import check_tracking
+    from ..workflow import run_storage
 
-    root = storage_root(spec.base_cfg)
-    prefix = sweep_prefix(spec)
+    if spec.tune.name is not None:
+        check_name(spec.tune.name, "tune.name")
+    storage = run_storage(spec.base_cfg)
+    uri = resolve_uri(spec.base_cfg.tracking.uri)
+    # Checked before anything is written: the tracking store answers, the storage takes a write.
+    check_tracking(uri)
+    storage.check_writable()
+    name = _sweep_name(spec, name, resume, storage)
     meta: dict[str, Any] | None = None
     if resume:
-        name = latest_sweep(root, prefix) if resume == LATEST else resume
-        if name is None or not _meta_path(root, name).exists():
-            what = f"sweep {name!r}" if name else f"sweep of {prefix!r}"
-            raise ConfigError(f"--resume: no {what} under {root}")
-        meta = json.loads(_meta_path(root, name).read_text())
+        meta = storage.read_json(meta_rel(name))
         saved = _saved_spec(meta)
         diff = _differences(spec.base_raw, saved.base_raw) + [
             f"tune.{k}" for k in _differences(spec.tune.model_dump(mode="json"), saved.tune.model_dump(mode="json"))]
-        diff = [k for k in diff if k != "estep.backend"]
+        diff = [k for k in diff if k not in ("estep.backend", "ray.use_gpu")]
         if diff:
             log(f"[pcl-ray] --resume continues {name} with its saved config; ignored changes: {', '.join(diff)}")
         spec = saved
-    else:
-        name = name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if _meta_path(root, name).exists() or (root / name).exists():
-            raise ConfigError(f"sweep {name!r} already exists under {root}: continue it with --resume {name}")
-    sweep_dir = root / name
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # warm-up epochs lack E-step metrics
     concurrency = _start_ray(spec, log)
-    if meta is None:
+    check_multi_node(spec.base_cfg, storage, uri, alive_nodes())
+    use_gpu = resolve_use_gpu(spec, log)  # once, on this driver, for every trial of the sweep
+    if meta is None:  # a resumed sweep keeps the backend saved with it
         _resolve_estep_backend(spec, concurrency)
     log("[pcl-ray] sweep " + name + "\n" + describe(spec, concurrency))
 
-    uri = resolve_uri(spec.base_cfg.tracking.uri)
     if meta is not None and meta.get("tracking_uri") == uri:
         logger = RunLogger(uri, meta["parent_run_id"])
         logger.client.update_run(logger.run_id, status="RUNNING")
@@ -323,37 +410,37 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, resume: str | None = 
             "sweep.search_space": json.dumps({k: {d.kind: d.args} for k, d in t.search_space.items()}),
             "sweep.num_samples": t.num_samples, "sweep.trials": count_trials(t), "sweep.metric": t.metric,
             "sweep.mode": t.mode, "sweep.scope": t.scope, "sweep.scheduler": t.scheduler.name,
-            "sweep.max_concurrent_trials": concurrency or "auto", "sweep.storage": str(sweep_dir),
+            "sweep.max_concurrent_trials": concurrency or "auto", "sweep.storage": storage.uri_of(name),
+            "sweep.use_gpu": use_gpu,
         })
-        meta = {"name": name, "prefix": prefix, "created": time.time(), "parent_run_id": logger.run_id,
+        meta = {"name": name, "prefix": sweep_prefix(spec), "created": time.time(), "parent_run_id": logger.run_id,
                 "tracking_uri": uri, "pipeline": str(spec.pipeline), "overrides": spec.overrides,
                 "base_raw": spec.base_raw, "pinned": spec.pinned, "tune": spec.tune.model_dump(mode="json")}
-        path = _meta_path(root, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(meta, indent=1))
-    log(f"[pcl-ray] MLflow parent run {logger.run_id} at {uri}")
+        storage.write_json(meta_rel(name), meta)
+    log(f"[pcl-ray] MLflow parent run {logger.run_id} at {redact(uri)}; sweep folder {storage.uri_of(name)}")
 
     trainable = make_trainable({
         "keys": spec.keys, "base_raw": spec.base_raw, "sweep": name, "parent_run_id": logger.run_id,
-        "sweep_dir": str(sweep_dir), "driver_cpus": spec.tune.trial_resources.driver_cpus,
+        "storage": storage, "use_gpu": use_gpu, "driver_cpus": spec.tune.trial_resources.driver_cpus,
     })
-    if resume and tune.Tuner.can_restore(str(sweep_dir)):
+    path, fs_kwargs = tune_location(storage, name)
+    if resume and tune.Tuner.can_restore(path, **fs_kwargs):
         log(f"[pcl-ray] resuming {name}: finished trials are kept, unfinished and errored ones continue")
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   **fs_kwargs)
     else:
-        tuner = _build_tuner(spec, name, root, trainable, concurrency)
+        tuner = _build_tuner(spec, name, storage, trainable, concurrency)
 
-    outcome = SweepOutcome(name, sweep_dir, logger.run_id, uri, spec)
+    outcome = SweepOutcome(name, storage, logger.run_id, uri, spec)
     status = "FAILED"
     try:
         tuner.fit()
-        outcome.rows = collect_rows(spec, sweep_dir, logger)
+        outcome.rows = collect_rows(spec, path, logger, fs_kwargs)
         outcome.interrupted = any(r.status == "interrupted" for r in outcome.rows)
         if outcome.interrupted:
             status = "KILLED"
             return outcome
-        _write_outputs(outcome, logger)
+        write_outputs(outcome, logger)
         status = "FINISHED"
         return outcome
     except KeyboardInterrupt:
@@ -363,22 +450,39 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, resume: str | None = 
         logger.end(status)
 
 
-def _write_outputs(outcome: SweepOutcome, logger: RunLogger) -> None:
-    spec, rows, d = outcome.spec, outcome.rows, outcome.sweep_dir
-    d.mkdir(parents=True, exist_ok=True)
-    frame = rows_to_frame(rows, spec)
-    outcome.csv = d / "trials.csv"
-    frame.to_csv(outcome.csv, index=False)
-    outcome.plots = [plot_metric_vs_params(rows, spec, d / "metric_vs_params.png"),
-                     plot_metric_curves(rows, spec, d / "metric_curves.png")]
+def _shown(storage: Storage, *parts: str) -> str:
+    """A file in the storage as the user reaches it: a local path (local or shared roots) or a URI."""
+    return str(storage.local_path(*parts)) if storage.on_local_disk else storage.uri_of(*parts)
+
+
+def write_outputs(outcome: SweepOutcome, logger: RunLogger | None) -> list[str]:
+    """The table, plots and best config, made in a local temporary folder, then uploaded whole to
+    ``<storage>/<sweep>/`` and logged to the parent MLflow run. Returns where they were written."""
+    spec, rows, storage, name = outcome.spec, outcome.rows, outcome.storage, outcome.name
     best = outcome.best
-    if best is not None:
-        outcome.best_config = write_best_config(best, spec, outcome.name, d / "best_config.yaml")
-        logger.log_metrics({f"best/{spec.tune.metric}": best.metric})
-        logger.set_tags({"pcl_ray.best_trial": best.trial_id, "pcl_ray.best_run_id": best.mlflow_run_id})
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    logger.log_metrics({f"trials/{k}": v for k, v in counts.items()})
-    for path in [outcome.csv, *outcome.plots, *([outcome.best_config] if outcome.best_config else [])]:
-        logger.log_artifact(path, "sweep")
+    with tempfile.TemporaryDirectory(prefix="pcl-ray-sweep-") as tmp:
+        local = Path(tmp)
+        files = [local / "trials.csv"]
+        rows_to_frame(rows, spec).to_csv(files[0], index=False)
+        files += [plot_metric_vs_params(rows, spec, local / "metric_vs_params.png"),
+                  plot_metric_curves(rows, spec, local / "metric_curves.png")]
+        if best is not None:
+            files.append(write_best_config(best, spec, name, local / "best_config.yaml",
+                                           shown_as=_shown(storage, name, "best_config.yaml")))
+        written = []
+        for f in files:
+            storage.upload(f, f"{name}/{f.name}")
+            written.append(_shown(storage, name, f.name))
+            if logger is not None:
+                logger.log_artifact(f, "sweep")
+    outcome.csv, outcome.plots = written[0], written[1:3]
+    outcome.best_config = written[3] if best is not None else None
+    if logger is not None:
+        if best is not None:
+            logger.log_metrics({f"best/{spec.tune.metric}": best.metric})
+            logger.set_tags({"pcl_ray.best_trial": best.trial_id, "pcl_ray.best_run_id": best.mlflow_run_id})
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        logger.log_metrics({f"trials/{k}": v for k, v in counts.items()})
+    return written

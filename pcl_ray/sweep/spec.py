@@ -313,6 +313,32 @@ def validate_space(base_raw: dict[str, Any], tcfg: TuneConfig) -> None:
                 raise ConfigError(f"tune.search_space: the combination {shown} is not valid:\n{_short(exc)}") from None
 
 
+def check_space_against_data(base_raw: dict[str, Any], tcfg: TuneConfig, base_cfg: ExperimentConfig) -> None:
+    """Every edge value of the space against the data it trains on (k below N, batch not above N): what a
+    single run checks before it starts, done here for every trial before the sweep starts."""
+    import json
+
+    from ..data import check_data
+    from ..workflow import preflight
+
+    sizes: dict[str, int] = {}
+
+    def size_of(cfg: ExperimentConfig) -> int:
+        key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+        if key not in sizes:
+            sizes[key] = len(check_data(cfg).labels)
+        return sizes[key]
+
+    preflight(base_cfg, size_of(base_cfg))
+    for key, dim in tcfg.search_space.items():
+        for value in dim.edge_values():
+            cfg = build_config(set_path(base_raw, key, value), f"tune.search_space[{key!r}] = {value!r}")
+            try:
+                preflight(cfg, size_of(cfg))
+            except ConfigError as exc:
+                raise ConfigError(f"tune.search_space[{key!r}]: value {value!r} ({dim.describe()}): {exc}") from None
+
+
 def _check_metric(tcfg: TuneConfig, cfg: ExperimentConfig) -> None:
     m = tcfg.metric
     if m.startswith("online/") and cfg.eval.online_every == 0 and "eval.online_every" not in tcfg.search_space:
@@ -349,6 +375,7 @@ def load_sweep(pipeline: str | Path, overrides: list[str] | None = None) -> Swee
     base_cfg = build_config(raw, where)
     validate_space(raw, tcfg)
     _check_metric(tcfg, base_cfg)
+    check_space_against_data(raw, tcfg, base_cfg)
     spec = SweepSpec(Path(pipeline), overrides, raw, base_cfg, tcfg)
     if tcfg.scheduler.name == "asha" and tcfg.scheduler.max_t and tcfg.scheduler.max_t > spec.max_epochs():
         raise ConfigError(f"tune.scheduler.max_t ({tcfg.scheduler.max_t}) exceeds train.epochs ({spec.max_epochs()})")
