@@ -12,6 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.ray
 
 
+# The rehearsal's train and rank0 scenarios cover this across nodes in the default suite; this one-machine
+# version stays for quick checks of the storage path (pytest -m slow).
+
+
+@pytest.mark.slow
 def test_train_in_a_bucket_then_resume_from_it(ray_local, s3_server, tmp_path):
     from pcl_ray.registry import checkpoint_states, final_state_rel, load_record
     from pcl_ray.storage import Storage

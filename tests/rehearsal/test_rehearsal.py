@@ -1,8 +1,9 @@
 """The cluster rehearsal (pcl_ray/rehearsal): hosts in network namespaces, their teardown, and the short
 scenario list on a head + two workers cluster with an S3 server and an MLflow server in the head.
 
-The namespace tests need no Ray and run in the default suite; the cluster tests take several minutes on a
-2-core machine and are marked slow (`make rehearsal` runs the full list, `pytest -m rehearsal` these).
+The namespace tests need no Ray; the cluster tests run the short list (train, local storage refused, rank 0's
+node lost) in a few minutes and are part of the default suite, as the CI version of the rehearsal
+(`make rehearsal` runs the full list). Everything here skips where the machine cannot make namespaces.
 """
 
 from __future__ import annotations
@@ -117,7 +118,6 @@ def _scenario(rehearsal, key: str):
     return out
 
 
-@pytest.mark.slow
 def test_cluster_nodes_are_separate_hosts(rehearsal):
     cluster = rehearsal.cluster
     nodes = {n["node_ip"]: n for n in cluster.alive_nodes()}
@@ -134,24 +134,20 @@ def test_cluster_nodes_are_separate_hosts(rehearsal):
     assert {li.host for li in audit.listeners} == set(cluster.net.hosts)
 
 
-@pytest.mark.slow
 def test_train_run_writes_only_to_the_bucket_and_the_tracking_server(rehearsal):
     out = _scenario(rehearsal, "train")
     assert len(out.numbers["losses"]) == rehearsal.epochs
 
 
-@pytest.mark.slow
 def test_a_local_storage_path_is_refused_on_the_cluster(rehearsal):
     _scenario(rehearsal, "local")
 
 
-@pytest.mark.slow
 def test_losing_rank_0s_node_resumes_from_the_bucket_with_the_same_losses(rehearsal):
     out = _scenario(rehearsal, "rank0")
     assert "max_loss_diff" in out.numbers  # compared against the uninterrupted train run
 
 
-@pytest.mark.slow
 def test_the_cluster_tears_down_completely(rehearsal):
     net = rehearsal.cluster.net
     rehearsal.cluster.down()
