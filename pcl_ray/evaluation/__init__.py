@@ -1,8 +1,9 @@
 """Evaluation of frozen representations: kNN, linear probe, low-shot SVM, fine-tuning,
 clustering metrics, embedding pictures, exports, and the suite that runs them all.
 
-Pure numpy / torch / faiss / scikit-learn / pyarrow; nothing here knows Ray or MLflow
-(``python run.py eval`` in :mod:`pcl_ray.cli` logs the suite's results).
+Pure numpy / torch / faiss / scikit-learn / pyarrow; nothing here knows MLflow (``python run.py eval``
+in :mod:`pcl_ray.cli` logs the suite's results), and only :mod:`pcl_ray.evaluation.remote` knows Ray (it
+runs the same code as one Ray task on a cluster, importing Ray lazily).
 """
 
 from pcl_ray.evaluation.clustering import cluster_metrics, hungarian_accuracy, kmeans_assign

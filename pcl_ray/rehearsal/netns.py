@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import shutil
+import shlex
 import signal
 import subprocess
 import time
@@ -33,6 +34,19 @@ from pathlib import Path
 
 NODE_DIR = "/var/tmp/pcl-node"  # a host's private "local disk" (tmpfs inside its mount namespace)
 PRIVATE_MOUNTS = ("/tmp", "/dev/shm", NODE_DIR)
+
+
+def shared_image_paths() -> list[str]:
+    """The checkout and the venv when they lie under one of :data:`PRIVATE_MOUNTS` (else nothing to keep)."""
+    import sys
+
+    checkout = Path(__file__).resolve().parents[2]
+    out = []
+    for p in (checkout, Path(sys.prefix).resolve()):
+        under = any(p == Path(m) or Path(m) in p.parents for m in PRIVATE_MOUNTS)
+        if under and not any(Path(o) == p or Path(o) in p.parents for o in out):
+            out.append(str(p))
+    return out
 STATE_DIR = Path("/run/pcl-rehearsal")  # one JSON file per live rehearsal: what teardown must undo
 
 
@@ -285,9 +299,17 @@ class Network:
         hosts_file.write_text("127.0.0.1 localhost\n::1 localhost\n"
                               + "".join(f"{h.ip} {h.hostname}\n" for h in self.hosts.values()))
         mounts = " && ".join(f"mkdir -p {m} && mount -t tmpfs -o mode=1777 pcl-{name} {m}" for m in PRIVATE_MOUNTS)
+        # The checkout and its venv are the shared "image": when they lie under a private mount point (a clone
+        # in /tmp, as CI may make), stage them with a bind mount first and put them back on top of the tmpfs.
+        keep, restore = [], []
+        for i, path in enumerate(shared_image_paths()):
+            stage = f"{STATE_DIR}/keep-{self.tag}-{name}-{i}"
+            keep.append(f"mkdir -p {shlex.quote(stage)} && mount --bind {shlex.quote(path)} {shlex.quote(stage)}")
+            restore.append(f"mkdir -p {shlex.quote(path)} && mount --bind {shlex.quote(stage)} {shlex.quote(path)}")
+        steps = [f"mount --bind {hosts_file} /etc/hosts", f"hostname {host.hostname}", *keep, mounts, *restore,
+                 "exec sleep infinity"]
         cmd = ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--propagation", "private", "--",
-               "sh", "-c", f"mount --bind {hosts_file} /etc/hosts && hostname {host.hostname} && {mounts} "
-                           "&& exec sleep infinity"]
+               "sh", "-c", " && ".join(steps)]
         host.anchor = self._popen(f"{name}-anchor{host.generation}", name, cmd, env={"PATH": os.environ["PATH"]})
         deadline = time.monotonic() + timeout_s
         while not self._mounted(host.anchor.pid):
@@ -305,7 +327,9 @@ class Network:
         except OSError:
             return False
         points = {line.split()[1] for line in mounts if line.startswith("pcl-")}
-        return set(PRIVATE_MOUNTS) <= points
+        every = {line.split()[1] for line in mounts if line.strip()}
+        # the private disks, and the shared image put back on top of them (the last step before the sleep)
+        return set(PRIVATE_MOUNTS) <= points and set(shared_image_paths()) <= every
 
     def spawn(self, name: str, host: str, argv: list[str], env: dict[str, str], cwd: str | None = None) -> Proc:
         """Start ``argv`` inside ``host`` (its network and mount namespaces) in a session of its own.
@@ -401,6 +425,11 @@ class Network:
                 pass
         for ns in reversed(self.created):
             sh("ip", "netns", "del", ns, check=False)
+        for stage in STATE_DIR.glob(f"keep-{self.tag}-*"):  # empty staging folders of the shared image
+            try:
+                stage.rmdir()
+            except OSError:
+                pass
         self._torn_down = True
         try:
             self._state_file().unlink()
