@@ -19,8 +19,8 @@ def test_sigterm_marks_run_killed_and_resume_finishes_it(tmp_path):
            "--set", "train.epochs=4", "--set", f"tracking.uri={uri}", "--set", f"ray.storage_path={tmp_path / 'runs'}",
            "--set", "eval.enabled=false", "--set", "ray.run_name=sigterm-run"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "epoch 1/4 done" in line:
+    for line in proc.stdout:  # inside epoch 2: epoch 1's checkpoint is persisted and registered by then
+        if "epoch 2/" in line and " step " in line:
             break
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
@@ -50,8 +50,8 @@ def test_sigkill_of_the_driver_then_resume_continues_from_the_checkpoint(tmp_pat
            "--set", "eval.enabled=false"]
     proc = subprocess.Popen(cmd + ["--set", "ray.run_name=sigkill-run"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    for line in proc.stdout:
-        if "epoch 1/3 done" in line:
+    for line in proc.stdout:  # inside epoch 2: epoch 1's checkpoint is persisted and registered by then
+        if "epoch 2/" in line and " step " in line:
             break
     import os
 
