@@ -222,17 +222,23 @@ class Storage:
         Locally: a temporary name in the same folder, then an atomic rename. Object stores publish an
         object only when its upload completes, so there the object is written in place.
         """
-        target = self.path(rel)
-        parent = target.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
         if not self.on_local_disk:
+            target = self.path(rel)
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
             return target
+        return self._replace_local(rel, lambda out: out.write(data))
+
+    def _replace_local(self, rel: str, fill) -> str:
+        """Write a local file through ``fill(open binary file)`` under a temporary name, then rename it."""
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.part"
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
@@ -252,19 +258,13 @@ class Storage:
         local = Path(local)
         if not self.on_local_disk or local.stat().st_size < (256 << 20):
             return self.write_bytes(rel, local.read_bytes())
-        target = self.path(rel)  # large local copies: stream instead of holding the file in memory
-        parent = target.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.part"
-        try:
-            with open(local, "rb") as src, open(tmp, "wb") as out:
+
+        def stream(out) -> None:  # large local copies: never the whole file in memory
+            with open(local, "rb") as src:
                 while chunk := src.read(8 << 20):
                     out.write(chunk)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return target
+
+        return self._replace_local(rel, stream)
 
     def upload_dir(self, local: str | os.PathLike, rel: str) -> list[str]:
         """Copy every file under the local folder ``local`` to ``rel`` (relative layout kept)."""

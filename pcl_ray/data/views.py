@@ -1,11 +1,11 @@
 """Batched view recipes: random augmentations as tensor ops on whole batches.
 
 Per-image PIL augmentation costs about two thirds of a CPU training step on 28×28 images
-(DESIGN §6), so views are made here from a whole uint8 batch at once, on whatever device
+(README "How it works", views), so views are made here from a whole uint8 batch at once, on whatever device
 the batch lives on. Every per-sample random parameter is drawn as a tensor (no Python loop
 over samples), from an optional ``torch.Generator`` for reproducibility.
 
-Recipes (MoCo / PCL, DESIGN §3):
+Recipes (MoCo / PCL, README "Methods"):
 
 ``pcl_v1``
     random resized crop (scale ``[crop_min_scale, 1]``, ratio 3/4–4/3), grayscale p 0.2,

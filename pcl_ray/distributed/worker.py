@@ -145,8 +145,8 @@ def train_loop(loop_config: dict) -> None:
             say(f"resumed from checkpoint after epoch {state['epoch'] + 1}")
 
     # The epoch's global batches depend on (seed, epoch) only; this rank takes its columns of each.
-    local_bs = EpochPlan(n, cfg.train.batch_size, cfg.train.seed, 0).local_batch(world)
-    steps_per_epoch = EpochPlan(n, cfg.train.batch_size, cfg.train.seed, 0).steps
+    plan = EpochPlan(n, cfg.train.batch_size, cfg.train.seed, 0)  # sizes only: the same every epoch
+    local_bs, steps_per_epoch = plan.local_batch(world), plan.steps
     if rank == 0 and world != cfg.ray.num_workers:
         say(f"training on {world} of up to {cfg.ray.num_workers} workers (elastic): same global batches, "
             f"{local_bs} images per worker")

@@ -4,7 +4,7 @@ The features are L2-normalized and clustered with faiss k-means (Euclidean on
 unit vectors, k-means++ seeding, several restarts keeping the lowest
 objective), with ``k`` equal to the number of classes by default; the clusters
 are then scored against the ground-truth labels. One k-means solution moves AMI by a few hundredths from
-seed to seed, hence the restarts (see DESIGN.md, section 3).
+seed to seed, hence the restarts (see the README, "Comparing methods").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Tensors in, tensors out. The callers own the state (queue, momentum encoder,
 prototypes); these functions only turn embeddings into logits, targets and a
 cross-entropy loss, following the PCL reference implementation
-(salesforce/PCL) and DESIGN.md section 3.
+(salesforce/PCL) and the README, "How it works".
 
 Conventions: ``q`` and ``k`` are ``(B, d)`` L2-normalized embeddings, the
 queue and the centroids are ``(K, d)`` / ``(k, d)`` L2-normalized rows, and

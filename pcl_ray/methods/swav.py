@@ -1,6 +1,6 @@
 """SwAV: online Sinkhorn codes, swapped prediction between multi-crop views (Caron et al., 2020).
 
-Follows the reference ``main_swav.py`` (facebookresearch/swav) and DESIGN §3:
+Follows the reference ``main_swav.py`` (facebookresearch/swav) (README "Methods"):
 
 - crops 0 and 1 are the two large crops; the others are small (multi-crop). Crops of equal
   resolution go through the encoder as one batch (one BN batch per resolution group);
