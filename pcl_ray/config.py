@@ -141,6 +141,9 @@ class TrainConfig(_Section):
     seed: int = 0
     log_every: int = Field(50, gt=0, description="progress line every N steps")
     keep_checkpoints: int = Field(2, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="the forward pass's precision: auto = bf16 on GPU, fp32 on CPU; fp16 (with a grad "
+                            "scaler) needs a GPU")
 
     @model_validator(mode="after")
     def _check_steps(self) -> "TrainConfig":

@@ -5,11 +5,20 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["Granularity", "PrototypeSet"]
+__all__ = ["Granularity", "PrototypeSet", "PrototypeTensors"]
+
+
+class PrototypeTensors(NamedTuple):
+    """One granularity of the E-step on the training device, as the M-step's losses use it."""
+
+    assignments: torch.Tensor  #: int64 (N,): cluster of dataset index i
+    centroids: torch.Tensor  #: float32 (k, d), L2-normalized
+    concentration: torch.Tensor  #: float32 (k,), φ per centroid
 
 
 def _frozen(array: np.ndarray, dtype: type, name: str, ndim: int) -> np.ndarray:
@@ -56,14 +65,12 @@ class Granularity:
         """N, the size of the clustered index space."""
         return int(self.assignments.shape[0])
 
-    def to_torch(
-        self, device: torch.device | str = "cpu"
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(assignments int64, centroids float32, concentration float32)`` as tensors on ``device``.
+    def to_torch(self, device: torch.device | str = "cpu") -> PrototypeTensors:
+        """Assignments, centroids and φ as tensors on ``device``.
 
         The arrays are copied first: arrays fetched from Ray's object store are read-only.
         """
-        return (
+        return PrototypeTensors(
             torch.from_numpy(np.array(self.assignments, copy=True)).to(device),
             torch.from_numpy(np.array(self.centroids, copy=True)).to(device),
             torch.from_numpy(np.array(self.concentration, copy=True)).to(device),
@@ -91,10 +98,8 @@ class PrototypeSet:
         """k of every granularity, in order."""
         return tuple(g.num_clusters for g in self.granularities)
 
-    def to_torch(
-        self, device: torch.device | str = "cpu"
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per granularity ``(assignments, centroids, concentration)`` tensors on ``device``."""
+    def to_torch(self, device: torch.device | str = "cpu") -> list[PrototypeTensors]:
+        """One :class:`PrototypeTensors` per granularity, in order, on ``device``."""
         return [g.to_torch(device) for g in self.granularities]
 
     def metric_prefix(self, i: int) -> str:

@@ -12,10 +12,14 @@ A method is an ``nn.Module`` holding all of its state (so one ``state_dict`` che
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..estep.prototypes import PrototypeTensors
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,22 @@ class ViewSpec:
     size: int
     min_scale: float
     max_scale: float = 1.0
+
+
+@dataclass
+class LossResult:
+    """What one batch's ``training_loss`` hands back to the training step.
+
+    ``metrics`` values are detached 0-d tensors (or floats); the loop averages them on the device and reads
+    them once per log line, so a step does not wait on the device for its metrics.
+    """
+
+    loss: torch.Tensor  #: scalar, differentiable
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    #: (B, d) detached embeddings in the E-step's space, row i = batch item i (``estep.features=stream``)
+    stream_embedding: torch.Tensor | None = None
+    #: (B, d) detached keys the method enqueues after ``optimizer.step()`` (MoCo's queue), or None
+    enqueue: torch.Tensor | None = None
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -60,25 +80,23 @@ class Method(nn.Module):
         """L2-normalized embeddings that the cluster actor clusters (called under no_grad, eval mode)."""
         return self.encoder(x)
 
-    #: The last training batch's embeddings in the E-step's space (detached, row i = batch item i), set by
-    #: ``training_loss`` of methods with an E-step; the loop collects them when ``estep.features=stream``.
-    stream_embedding: torch.Tensor | None = None
-
-    def on_prototypes(self, prototypes) -> None:
+    def on_prototypes(self, prototypes: "list[PrototypeTensors]") -> None:
         """Called once per epoch with the epoch's prototypes (per granularity: assignments, centroids, φ)."""
 
     # ---- M-step -------------------------------------------------------------------------------
     def training_loss(self, online: nn.Module, views: list[torch.Tensor], index: torch.Tensor,
-                      prototypes=None, generator: torch.Generator | None = None, epoch: int = 0):
-        """Return ``(loss, metrics)`` for one batch; ``metrics`` maps names to floats."""
+                      prototypes: "list[PrototypeTensors] | None" = None,
+                      generator: torch.Generator | None = None, epoch: int = 0) -> LossResult:
+        """The loss of one batch. ``views[j]`` is (B, C, H, W) view j, ``index`` (B,) the dataset indices;
+        methods with an E-step fill ``stream_embedding``."""
         raise NotImplementedError
 
     def before_optimizer_step(self, epoch: int, global_step: int) -> None:
         """Hook after ``backward()``, before ``optimizer.step()`` (e.g. freeze prototypes early on)."""
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        """Hook after ``optimizer.step()`` (momentum updates, queues, re-normalization)."""
+    def after_step(self, result: LossResult) -> None:
+        """Hook after ``optimizer.step()`` with this step's result (queues, re-normalization)."""
 
     # ---- per-rank state ---------------------------------------------------------------------
     def rank_state(self) -> dict[str, torch.Tensor]:
