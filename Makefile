@@ -28,4 +28,4 @@ rehearsal: setup
 	$(PY) -m pcl_ray.rehearsal
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache build dist

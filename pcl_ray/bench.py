@@ -29,7 +29,9 @@ import torch
 
 from .config import ConfigError, ExperimentConfig
 
-PARTS = ("views", "mstep", "estep")
+PARTS = ("views", "mstep", "mfu", "estep", "epoch", "estep-scale")
+#: what "all" runs: estep-scale (synthetic N up to 1.28M, minutes) only when named
+DEFAULT_PARTS = ("views", "mstep", "mfu", "estep", "epoch")
 
 
 @dataclass
@@ -63,7 +65,7 @@ class BenchReport:
 
 def parse_parts(text: str | None) -> tuple[str, ...]:
     if not text or text == "all":
-        return PARTS
+        return DEFAULT_PARTS
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
@@ -113,7 +115,7 @@ def pil_pipeline(cfg: ExperimentConfig, ds, size: int, min_scale: float):
 def bench_views(cfg: ExperimentConfig, ds, method, report: BenchReport, repeats: int) -> None:
     from PIL import Image
 
-    from .distributed.worker import build_view_makers
+    from .training import build_view_makers
 
     makers, _ = build_view_makers(method, cfg, ds)
     specs = method.view_specs(ds.image_size)
@@ -139,7 +141,7 @@ def bench_views(cfg: ExperimentConfig, ds, method, report: BenchReport, repeats:
 def _prototypes(cfg: ExperimentConfig, ds, method, device, report: BenchReport | None):
     """Embed the training split and run the E-step once; time both when ``report`` is given."""
     from .distributed.trainer import estep_kwargs
-    from .distributed.worker import build_view_makers, embed_shard
+    from .training import build_view_makers, embed_shard
     from .estep import run_estep
 
     _, eval_views = build_view_makers(method, cfg, ds)
@@ -153,6 +155,7 @@ def _prototypes(cfg: ExperimentConfig, ds, method, device, report: BenchReport |
         per_k.append((k, pset.seconds))
     pset = run_estep(emb, list(cfg.estep.num_clusters), **kwargs)
     if report is not None:
+        _warm_start_rows(emb, pset, kwargs, cfg, report)
         report.add("estep", f"embed {len(ds)} training images (eval pass)", embed_s, "s")
         for k, sec in per_k:
             report.add("estep", f"k-means + phi, k={k} ({pset.backend}, nredo {cfg.estep.nredo})", sec, "s")
@@ -162,11 +165,47 @@ def _prototypes(cfg: ExperimentConfig, ds, method, device, report: BenchReport |
     return pset
 
 
+def _warm_start_rows(emb: np.ndarray, pset, kwargs: dict, cfg: ExperimentConfig, report: BenchReport) -> None:
+    """``estep.warm_start`` on the same embeddings moved by a small random drift (a stand-in for one epoch of
+    training): the cold E-step (``nredo`` random restarts) against k-means started from the undrifted
+    centroids (one restart, ``estep.warm_niter`` iterations); its time and how far its assignments agree with the cold run's (AMI)."""
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    from .estep import run_estep
+
+    rng = np.random.default_rng(cfg.estep.seed)
+    scale = 0.1 * float(np.linalg.norm(emb, axis=1).mean()) / np.sqrt(emb.shape[1])
+    drifted = (emb + rng.normal(scale=scale, size=emb.shape)).astype(np.float32)  # (N, d)
+    ks = list(cfg.estep.num_clusters)
+    kw = {k: v for k, v in kwargs.items() if k != "num_clusters"}
+    init = [g.centroids for g in pset.granularities]
+    cold = warm = None
+
+    def run_cold():
+        nonlocal cold
+        cold = run_estep(drifted, ks, **kw)
+
+    def run_warm():
+        nonlocal warm
+        warm = run_estep(drifted, ks, init_centroids=init, warm_niter=cfg.estep.warm_niter, **kw)
+
+    t_cold, t_warm = _alternating([run_cold, run_warm], 1, warmup=0)
+    other = run_estep(drifted, ks, **{**kw, "seed": kw.get("seed", 0) + 1000})  # the baseline: another cold seed
+    report.add("estep", f"warm-start k-means + phi ({cfg.estep.warm_niter} iterations) / cold", t_warm / t_cold,
+               "ratio")
+    for gc, gw, go in zip(cold.granularities, warm.granularities, other.granularities):
+        report.add("estep", f"warm-start assignments vs cold, AMI, k={gc.num_clusters}",
+                   adjusted_mutual_info_score(gc.assignments, gw.assignments), "AMI")
+        report.add("estep", f"cold vs cold of another seed (baseline), AMI, k={gc.num_clusters}",
+                   adjusted_mutual_info_score(gc.assignments, go.assignments), "AMI")
+
+
 def bench_mstep(cfg: ExperimentConfig, ds, method, device, prototypes, report: BenchReport, steps: int) -> None:
-    from .distributed.worker import build_view_makers
+    from .training import Precision, build_view_makers, train_step
 
     makers, _ = build_view_makers(method, cfg, ds)
     net = method.net
+    precision = Precision.for_device(cfg.train.precision, device)
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.train.lr,
                                 momentum=cfg.train.sgd_momentum, weight_decay=cfg.train.weight_decay)
     images = _batch(ds, cfg.train.batch_size, seed=1).to(device)
@@ -177,12 +216,8 @@ def bench_mstep(cfg: ExperimentConfig, ds, method, device, prototypes, report: B
     net.train()
 
     def step(views):
-        loss, _ = method.training_loss(net, views, index, prototypes, generator=gen, epoch=epoch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_optimizer_step(epoch, 10**6)
-        optimizer.step()
-        method.after_step()
+        train_step(method, net, optimizer, views, index, prototypes, generator=gen, epoch=epoch,
+                   global_step=10**6, precision=precision)
 
     full, compute = _alternating([lambda: step([m(images, generator=gen) for m in makers]),
                                   lambda: step(fixed)], steps, warmup=2)
@@ -202,6 +237,15 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
         raise ConfigError(f"--steps: expected a positive number of timed steps, got {steps}")
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(cfg.train.seed)
+    if parts == ("estep-scale",):  # synthetic embeddings: no data, no model (pcl_ray/bench_scale.py)
+        from .bench_scale import bench_estep_scale
+
+        report = BenchReport("E-step at scale (synthetic 128-d embeddings)", info={"device": "cpu"})
+        log(f"[pcl-ray] bench {report.label}")
+        bench_estep_scale(cfg, report, log=log)
+        return report
+    if "estep-scale" in parts:
+        raise ConfigError("--parts: estep-scale runs alone (it uses synthetic embeddings, not the pipeline's data)")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.ray.use_gpu is not False else "cpu")
     ds = load_split(cfg.data, "train")
     method = build_method(cfg, ds.channels, generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
@@ -214,7 +258,7 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
         log(f"[pcl-ray] views: batched {report.value('views', 'batched tensor views'):.0f} views/s, "
             f"PIL {report.value('views', 'per-image PIL views (torchvision)'):.0f} views/s")
     prototypes = None
-    if method.needs_estep and ("mstep" in parts or "estep" in parts):
+    if method.needs_estep and ("mstep" in parts or "mfu" in parts or "estep" in parts):
         pset = _prototypes(cfg, ds, method, device, report if "estep" in parts else None)
         prototypes = pset.to_torch(device)
         method.on_prototypes(prototypes)
@@ -226,6 +270,22 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
         bench_mstep(cfg, ds, method, device, prototypes, report, steps)
         rate = next(r.value for r in report.rows if r.part == "mstep" and r.unit == "img/s")
         log(f"[pcl-ray] M-step: {rate:.0f} img/s, views included")
+    if "mfu" in parts:  # pcl_ray/bench_mfu.py
+        from .bench_mfu import bench_mfu
+
+        bench_mfu(cfg, ds, method, device, prototypes, report, steps, _alternating, _batch)
+        log(f"[pcl-ray] MFU: {report.value('mfu', 'training step MFU (achieved / matmul peak)'):.2f} of the "
+            f"{report.value('mfu', 'fp32 matmul peak (2048^2)'):.0f} GFLOP/s matmul peak; convolutions alone "
+            f"{report.value('mfu', 'convolutions alone (fwd + bwd), achieved / matmul peak'):.2f}")
+    if "epoch" in parts:  # pcl_ray/bench_epoch.py
+        from .bench_epoch import bench_epoch
+
+        bench_epoch(cfg, ds, device, report, steps, _alternating, _batch)
+        ratio = report.value("epoch", "PCL epoch / MoCo epoch (stream, warm)")
+        if ratio is not None:
+            log(f"[pcl-ray] PCL epoch / MoCo epoch: eval_pass {report.value('epoch', 'PCL epoch / MoCo epoch (eval_pass, cold)'):.2f}, "
+                f"stream {report.value('epoch', 'PCL epoch / MoCo epoch (stream, cold)'):.2f}, "
+                f"stream + warm start {ratio:.2f}")
     epoch_s = report.value("mstep", f"M-step epoch estimate ({len(ds)} images)")
     estep_s = report.value("estep", "E-step total (embed + every k)")
     if epoch_s and estep_s is not None:

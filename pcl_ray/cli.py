@@ -9,9 +9,12 @@ from pathlib import Path
 
 from .config import EVAL_SUITES, ConfigError, load_config
 from .signals import sigterm_as_interrupt
-from .tracking import PROJECT_DIR
+from .console import console as make_console
+from .paths import pin_home, resolve_pipeline, shipped_pipelines
 
-DEFAULT_PIPELINE = PROJECT_DIR / "pipelines" / "fmnist_pcl.yaml"
+DEFAULT_PIPELINE = "fmnist_pcl"  # a shipped pipeline (pcl_ray/pipelines/, the clone's pipelines/)
+PIPELINE_HELP = ("pipeline: a YAML path, or the name of a shipped one (default: fmnist_pcl; shipped: "
+                 f"{', '.join(shipped_pipelines())})")
 VERBS = ("train", "eval", "compare", "tune", "bench")
 
 EPILOG = """examples:
@@ -70,8 +73,9 @@ EVAL_EPILOG = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
+    command = invoked_as()
     p = argparse.ArgumentParser(
-        prog="run.py",
+        prog=command,
         description="pcl-ray: Prototypical Contrastive Learning and its family (MoCo v2, SimCLR, SwAV, DeepCluster-v2, SPCL) as an EM workflow on Ray.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
@@ -85,13 +89,15 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
-    t.add_argument("pipeline", nargs="?", default=str(DEFAULT_PIPELINE),
-                   help=f"pipeline YAML (default: {DEFAULT_PIPELINE.relative_to(PROJECT_DIR)})")
+    t.add_argument("pipeline", nargs="?", default=DEFAULT_PIPELINE, help=PIPELINE_HELP)
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=3 (repeatable; values are YAML)")
     t.add_argument("--resume", nargs="?", const="__latest__", default=None, metavar="RUN_NAME",
                    help="resume a run from its latest checkpoint (default: the latest run of this pipeline)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--register", default=None, metavar="NAME",
+                   help="register the trained backbone in the MLflow Model Registry as NAME (a new version each "
+                        "run); load it with mlflow.pytorch.load_model('models:/NAME/<version>')")
 
     from .tune import add_tune_parser
 
@@ -121,11 +127,11 @@ def _parser() -> argparse.ArgumentParser:
                     "against one M-step epoch. Prints a table, writes bench.json + bench.md and logs an "
                     "MLflow run.",
     )
-    b.add_argument("pipeline", nargs="?", default=str(DEFAULT_PIPELINE),
-                   help=f"pipeline YAML (default: {DEFAULT_PIPELINE.relative_to(PROJECT_DIR)})")
+    b.add_argument("pipeline", nargs="?", default=DEFAULT_PIPELINE, help=PIPELINE_HELP)
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
-    b.add_argument("--parts", default="all", metavar="NAMES", help="comma-separated subset of views,mstep,estep")
+    b.add_argument("--parts", default="all", metavar="NAMES", help="comma-separated subset of views,mstep,estep (all: those three), or estep-scale alone "
+                   "(the E-step at N up to 1.28M on synthetic embeddings, minutes)")
     b.add_argument("--steps", type=int, default=10, help="timed repetitions per measurement (default 10)")
     b.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <ray.storage_path>/bench-<stamp>)")
     b.add_argument("--no-mlflow", action="store_true", help="write the files only; log nothing to MLflow")
@@ -147,14 +153,28 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, metavar="DIR",
                    help="folder or storage URI for the artifacts (default: <run>/eval/ in the run's storage)")
     e.add_argument("--no-mlflow", action="store_true", help="print the results only; log nothing to MLflow")
+    for parser in (p, *sub.choices.values()):  # examples name the command as it was typed
+        for attr in ("epilog", "description"):
+            text = getattr(parser, attr)
+            if text and command != "python run.py":
+                setattr(parser, attr, text.replace("python run.py", command))
     return p
 
 
+def invoked_as() -> str:
+    """How the user started pcl-ray, for help texts: ``pcl-ray``, ``python -m pcl_ray`` or ``python run.py``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if name == "__main__.py":
+        return "python -m pcl_ray"
+    if name.startswith("pcl-ray"):
+        return "pcl-ray"
+    return "python run.py"
+
+
 def _print_results(outcome) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     table = Table(title=f"pcl-ray results: {outcome.run_name} (test split)")
     table.add_column("representation")
     from .evaluation.report import extra_knn_columns
@@ -176,6 +196,8 @@ def _print_results(outcome) -> None:
         parts = [f"{k} {m[k]:.3f}" for k in ("loss/total", "acc/instance", "acc/proto", "throughput/img_per_s") if k in m]
         console.print("final epoch: " + ", ".join(parts))
     console.print(f"MLflow run {outcome.mlflow_run_id} ({outcome.tracking_uri})")
+    for name, uri in getattr(outcome, "models", {}).items():
+        console.print(f"MLflow model {name}: {uri}")
 
 
 def pipeline_label(pipeline: str | None) -> str | None:
@@ -184,8 +206,8 @@ def pipeline_label(pipeline: str | None) -> str | None:
 
 
 def cmd_train(args) -> int:
-    from .registry import check_name, run_exists
-    from .workflow import latest_run_name, run_storage, train
+    from .registry import check_name, latest_run_name, run_exists, run_storage
+    from .workflow import train
 
     cfg = load_config(args.pipeline, args.overrides)
     if args.print_config:
@@ -207,7 +229,10 @@ def cmd_train(args) -> int:
                 raise ConfigError(f"--resume: no run named {run_name!r} under {storage.uri} "
                                   "(without a name, --resume continues the latest run of this pipeline)")
         print(f"[pcl-ray] resuming run {run_name}")
-    outcome = train(cfg, run_name=run_name, pipeline=label)
+    if args.register is not None and not args.register.strip():
+        raise ConfigError("--register: expected a model name, got an empty string")
+    outcome = train(cfg, run_name=run_name, pipeline=label, register=args.register,
+                    tags={"pcl_ray.pipeline_file": str(resolve_pipeline(args.pipeline).resolve())})
     _print_results(outcome)
     return 0
 
@@ -238,10 +263,9 @@ def _format_metrics(metrics: dict[str, float]) -> list[tuple[str, str, str]]:
 
 
 def _print_eval(outcome) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     cfg = outcome.cfg
     epoch = f", epoch {outcome.target.epoch + 1}" if outcome.target.epoch is not None else ""
     console.print(f"pcl-ray eval of {outcome.target.label}: {cfg.method.name} on {cfg.data.name}{epoch}, "
@@ -282,11 +306,10 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     import time
 
-    from rich.console import Console
     from rich.table import Table
 
     from .bench import parse_parts, run_bench, save_report
-    from .workflow import run_storage
+    from .registry import run_storage
 
     parts = parse_parts(args.parts)
     cfg = load_config(args.pipeline, args.overrides)
@@ -300,7 +323,7 @@ def cmd_bench(args) -> int:
         table.add_column(col, justify=justify)
     for r in report.rows:
         table.add_row(r.part, r.what, f"{r.value:.4g}", r.unit)
-    console = Console()
+    console = make_console()
     console.print(table)
     files = save_report(report, cfg, out=Path(args.out) if args.out else None, storage=storage,
                         name=f"bench-{time.strftime('%Y%m%d-%H%M%S')}", mlflow=not args.no_mlflow)
@@ -314,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in (*VERBS, "-h", "--help"):
         argv = ["train", *argv]  # `python run.py` and `python run.py PIPELINE` mean train
     args = parser.parse_args(argv)
+    pin_home()  # runs/ and mlruns/ under $PCL_RAY_HOME or here, for this process and the Ray it starts
     sigterm_as_interrupt()
     try:
         if args.verb == "train":

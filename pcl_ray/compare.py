@@ -36,9 +36,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ConfigError, ExperimentConfig, load_config, load_yaml
-from .registry import check_name, final_state_rel
+from .registry import check_name, final_state_rel, run_storage
 from .storage import Storage
-from .tracking import PROJECT_DIR, RunLogger, redact, resolve_uri
+from .paths import resolve_pipeline
+from .tracking import RunLogger, redact, resolve_uri
 
 SHARED_KEYS = ("data.", "model.backbone", "model.width", "model.feature_dim", "train.epochs",
                "train.batch_size", "ray.num_workers", "eval.")
@@ -91,7 +92,7 @@ def load_compare(path: str | Path, overrides: list[str], seeds: list[int] | None
     for entry in spec.entries:
         pipe = Path(entry.pipeline)
         if not pipe.is_absolute():
-            pipe = pipe if pipe.exists() else (base / pipe if (base / pipe).exists() else PROJECT_DIR / pipe)
+            pipe = pipe if pipe.exists() else (base / pipe if (base / pipe).exists() else resolve_pipeline(pipe))
         for seed in spec.seeds:
             configs[(entry.label, seed)] = load_config(pipe, [*spec.set, *entry.set, *overrides, f"train.seed={seed}"])
     _check_identical(configs)
@@ -232,9 +233,8 @@ class EmbeddingPanels:
 
     def add(self, label: str, cfg: ExperimentConfig, state: dict) -> None:
         """Embed the test split with the trained ``state`` (a final-state dict, see :func:`load_final_state`)."""
-        from .data import ViewMaker, load_split
-        from .evaluation.features import raw_pixel_features
-        from .evaluation.report import _all_images, embed_split, load_encoder
+        from .data import load_split
+        from .evaluation.features import all_images, embed_split, eval_views, load_encoder, raw_pixel_features
 
         if self._test is None:
             self._test = load_split(cfg.data, "test")
@@ -242,11 +242,10 @@ class EmbeddingPanels:
         size = cfg.data.image_size or test.image_size
         if self.labels is None:
             self.labels, self.class_names = test.labels, list(test.classes or []) or None
-            self.panels.append(("raw pixels", raw_pixel_features(_all_images(test, size))))
+            self.panels.append(("raw pixels", raw_pixel_features(all_images(test, size))))
         enc = load_encoder(cfg, state["method"], test.channels)
-        views = ViewMaker(cfg.data.views.recipe, size, test.channels, test.mean, test.std)
         self.what = cfg.eval.feature
-        self.panels.append((label, embed_split(enc, test, views)[cfg.eval.feature]))
+        self.panels.append((label, embed_split(enc, test, eval_views(cfg, test), [self.what])[self.what]))
 
     def plot(self, path: Path, seed: int) -> Path:
         from .evaluation.embedding_plot import plot_embedding_grid
@@ -282,8 +281,6 @@ def load_final_state(cfg: ExperimentConfig, run_name: str) -> dict:
     """The final state of a finished run, read through its storage (``<run>/final_state.pt``)."""
     import torch
 
-    from .workflow import run_storage
-
     raw = run_storage(cfg).read_bytes(final_state_rel(run_name))
     return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
 
@@ -295,7 +292,6 @@ def _open_parent(spec: CompareConfig, first: ExperimentConfig, resume: str | Non
     Checked first, before anything is written: the name, the tracking store and the storage.
     """
     from .tracking import check_tracking
-    from .workflow import run_storage
 
     if resume is not None:
         check_name(resume, "--resume")

@@ -14,10 +14,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-DATASETS = ("fashion-mnist", "digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
-METHODS = ("pcl", "moco", "simclr", "swav", "deepcluster", "spcl")
+
+def _registered(value: str, registry: dict[str, Any]) -> str:
+    """``value`` when it names an entry of ``registry``, else the error a ``Literal`` of its names gives.
+
+    Data sets, view recipes and methods are named once, by their registries (``pcl_ray.data.DATA_SOURCES``,
+    ``pcl_ray.data.RECIPES``, ``pcl_ray.methods.METHODS``); the sections below look them up at validation
+    time, not at import, since both packages import this module.
+    """
+    if value not in registry:
+        names = [repr(n) for n in registry]
+        expected = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+    return value
 
 
 class ConfigError(ValueError):
@@ -29,13 +41,20 @@ class _Section(BaseModel):
 
 
 class ViewConfig(_Section):
-    recipe: Literal["pcl_v1", "pcl_v2"] = "pcl_v2"
+    recipe: str = Field("pcl_v2", description="an augmentation recipe of pcl_ray.data.RECIPES")
     crop_min_scale: float = Field(0.2, gt=0.0, le=1.0)
     loader_workers: int = Field(0, ge=0)
 
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, recipe: str) -> str:
+        from .data import RECIPES
+
+        return _registered(recipe, RECIPES)
+
 
 class DataConfig(_Section):
-    name: Literal[DATASETS] = "fashion-mnist"  # type: ignore[valid-type]
+    name: str = Field("fashion-mnist", description="a data set of pcl_ray.data.DATA_SOURCES")
     root: str | None = None
     subset: int | None = Field(None, gt=0, description="use the first N training images")
     test_subset: int | None = Field(None, gt=0, description="use the first N test images")
@@ -47,6 +66,13 @@ class DataConfig(_Section):
                                   "by the next one that decodes (one warning per file) instead of stopping the run")
     views: ViewConfig = ViewConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _known_data_set(cls, name: str) -> str:
+        from .data import DATA_SOURCES
+
+        return _registered(name, DATA_SOURCES)
+
 
 class ModelConfig(_Section):
     backbone: Literal["convnet", "resnet18", "resnet50"] = "convnet"
@@ -55,6 +81,8 @@ class ModelConfig(_Section):
     width: int = Field(32, gt=0, description="base channel width of the convnet backbone")
     feature_dim: int = Field(128, gt=0)
     mlp_head: bool = True
+    head_bn: bool | None = Field(None, description="BatchNorm after the MLP head's hidden layer (Linear-BN-ReLU-"
+                                 "Linear); None = the method's reference (HEAD_BN_METHODS: swav, deepcluster)")
 
 
 class SwAVConfig(_Section):
@@ -86,11 +114,26 @@ class SPCLConfig(_Section):
     sce_alpha: float = Field(0.1, ge=0.0, description="weight of CE in symmetric CE")
     sce_beta: float = Field(1.0, ge=0.0, description="weight of reverse CE in symmetric CE")
     metric_pairs: int = Field(256, gt=0, description="balanced same/different-cluster pairs per batch")
+    variant: Literal["full", "lite"] = Field(
+        "full", description="full: the reference's losses and E-step (six-term metric loss, a fresh linear classifier "
+        "on backbone features each epoch, k-means on PCA-whitened backbone features, a new seed each epoch); lite: "
+        "the earlier lighter variant (cross-image metric pairs only, CE against the frozen centroids, k-means on the "
+        "head); README, \"Methods\"")
+    pca_dim: int | None = Field(256, gt=0, description="full variant: PCA-whiten the backbone features to "
+                                "min(d, pca_dim) before k-means (None = no PCA)")
+
+
+#: τ when ``method.temperature`` is not given: MoCo v2 / PCL / SimCLR-style 0.2, SwAV's and DeepCluster-v2's 0.1
+DEFAULT_TEMPERATURE = 0.2
+METHOD_TEMPERATURES = {"swav": 0.1, "deepcluster": 0.1}
+#: methods whose reference projection head is Linear-BN-ReLU-Linear (``model.head_bn`` when not given)
+HEAD_BN_METHODS = ("swav", "deepcluster")
 
 
 class MethodConfig(_Section):
-    name: Literal[METHODS] = "pcl"  # type: ignore[valid-type]
-    temperature: float = Field(0.2, gt=0.0)
+    name: str = Field("pcl", description="a method of pcl_ray.methods.METHODS")
+    temperature: float = Field(0.2, gt=0.0, description="τ; when not given, the method's own default "
+                               "(METHOD_TEMPERATURES: 0.1 for swav and deepcluster, else 0.2)")
     queue_size: int = Field(4096, ge=0)
     momentum: float = Field(0.999, ge=0.0, lt=1.0)
     num_negative_prototypes: int = Field(1024, ge=0, description="r: negatives per granularity (sampled form)")
@@ -101,6 +144,22 @@ class MethodConfig(_Section):
     swav: SwAVConfig = SwAVConfig()
     spcl: SPCLConfig = SPCLConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from .methods import METHODS
+
+        return _registered(name, METHODS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_temperature(cls, data: Any) -> Any:
+        """``temperature`` missing (or null) resolves to the method's default, so the logged value is the one used."""
+        if isinstance(data, dict) and data.get("temperature") is None:
+            name = data.get("name", cls.model_fields["name"].default)
+            data = {**data, "temperature": METHOD_TEMPERATURES.get(name, DEFAULT_TEMPERATURE)}
+        return data
+
 
 class EStepConfig(_Section):
     num_clusters: list[int] = Field(default_factory=lambda: [10, 20, 40], min_length=1)
@@ -109,6 +168,10 @@ class EStepConfig(_Section):
     max_points_per_centroid: int = Field(1000, gt=0)
     alpha: float = Field(10.0, gt=0.0)
     backend: Literal["auto", "cpu", "gpu"] = "auto"
+    gpu_share: float | None = Field(
+        0.25, gt=0.0, lt=1.0, description="when GPU workers hold every GPU, the cluster actor asks this fraction "
+        "of one GPU (each worker then asks 1 - gpu_share) and k-means runs on faiss-gpu there; None = no sharing "
+        "(faiss-cpu when no GPU is spare). README \"Scale benchmark\"")
     num_threads: int | None = Field(None, gt=0, description="faiss threads; None = all CPUs of the node")
     seed: int = 0
     handoff_timeout_s: float = Field(1800.0, gt=0.0, description="longest a rank waits for an epoch's "
@@ -120,6 +183,10 @@ class EStepConfig(_Section):
         "eval_pass", description="what the E-step clusters: 'eval_pass' embeds the training set in eval mode at "
         "each E-step (the paper); 'stream' reuses the embeddings the M-step computed during the previous epoch "
         "(momentum keys for PCL), so the extra pass is skipped and the features are up to one epoch stale")
+    warm_start: bool = Field(False, description="start each epoch's k-means from the previous epoch's "
+                             "centroids (one restart, estep.warm_niter iterations) instead of nredo random "
+                             "starts; off = the paper's E-step")
+    warm_niter: int = Field(5, gt=0, description="k-means iterations of a warm-started E-step (estep.warm_start)")
 
     @model_validator(mode="after")
     def _check_clusters(self) -> "EStepConfig":
@@ -144,6 +211,13 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="the forward pass's precision: auto = bf16 on GPU, fp32 on CPU; fp16 (with a grad "
                             "scaler) needs a GPU")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the encoders (in place; state_dict keys unchanged): auto = off (on "
+        "this CPU the warm-up, 36-134 s, outweighs a ~1.1x step; README 'Benchmarks')")
+    channels_last: bool = Field(False, description="model and views in channels_last memory format "
+                                "(measured slower on the CPU convnet; README 'Benchmarks')")
+    sgd_foreach: bool | None = Field(None, description="SGD's multi-tensor (foreach) update: None = torch's "
+                                     "default (on for CUDA tensors, off on CPU)")
 
     @model_validator(mode="after")
     def _check_steps(self) -> "TrainConfig":
@@ -215,6 +289,7 @@ class TrackingConfig(_Section):
 
 
 EVAL_SUITES = ("knn", "linear", "lowshot", "finetune", "cluster", "tsne", "export")
+EVAL_FEATURES = ("backbone", "head")  # pooled backbone output; the projection head's normalized output
 
 
 class EvalConfig(_Section):
@@ -226,7 +301,7 @@ class EvalConfig(_Section):
         description="further neighbour counts, each reported as knn<k>_acc beside knn_acc (k = knn_k); "
                     "20 is DINO's protocol, 200 (knn_k) InstDisc's and MoCo's")
     kmeans_restarts: int = Field(5, gt=0)
-    feature: Literal["backbone", "head"] = "backbone"
+    feature: Literal[EVAL_FEATURES] = "backbone"  # type: ignore[valid-type]
     baselines: bool = True
     # cheap per-epoch kNN on held TRAIN images (never the test split): what sweeps optimize
     online_every: int = Field(1, ge=0, description="epochs between online kNN checks; 0 = off")
@@ -277,6 +352,18 @@ class ExperimentConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_head(cls, data: Any) -> Any:
+        """``model.head_bn`` missing (or null) resolves to the method's reference head, so the logged value is used."""
+        if not isinstance(data, dict):
+            return data
+        model, method = data.get("model", {}), data.get("method", {})
+        if isinstance(model, dict) and model.get("head_bn") is None:
+            name = method.get("name", "pcl") if isinstance(method, dict) else getattr(method, "name", "pcl")
+            data = {**data, "model": {**model, "head_bn": name in HEAD_BN_METHODS}}
+        return data
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":
         if self.train.warmup_epochs > self.train.epochs:
@@ -295,6 +382,10 @@ class ExperimentConfig(_Section):
                 f"train.warmup_epochs must be 0 for method.name=deepcluster (got {self.train.warmup_epochs}): "
                 "it trains only on k-means pseudo-labels, clustered from the first epoch as in the reference"
             )
+        if self.estep.warm_start and self.method.name in ("deepcluster", "spcl"):
+            raise ValueError(
+                f"estep.warm_start must be false for method.name={self.method.name}: its reference draws a new "
+                "k-means seed every epoch (a warm start from last epoch's centroids would replace it)")
         return self
 
     @property
@@ -391,9 +482,13 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
+    """A pipeline file's mapping; ``path`` is a path or a shipped pipeline's name (``digits_tiny``)."""
+    from .paths import resolve_pipeline, shipped_pipelines
+
+    p = resolve_pipeline(path)
     if not p.is_file():
-        raise ConfigError(f"pipeline file not found: {p}")
+        raise ConfigError(f"pipeline file not found: {p} (a path, or a shipped pipeline: "
+                          f"{', '.join(shipped_pipelines())})")
     try:
         data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:

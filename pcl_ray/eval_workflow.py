@@ -11,7 +11,9 @@ What ``RUN`` may be, tried in this order:
    ``file://`` mount or an object store), else the local ``runs/`` folder;
 4. an MLflow run id (32 hex digits): the run folder that ``train`` recorded in the run's
    ``pcl_ray.storage`` tag, else its ``pcl_ray.run_name`` under the storage root, else its logged
-   ``config.yaml`` and ``model/backbone.pt`` artifacts (enough for every suite on backbone features).
+   ``config.yaml`` and ``model/backbone.pt`` artifacts (enough for every suite on backbone features);
+5. an MLflow model that train logged: ``models:/NAME/VERSION`` (``train --register NAME``) or
+   ``runs:/RUN_ID/backbone`` (or ``/encoder``): its weights and the config in its metadata.
 
 A run folder's states are tried best first (:func:`pcl_ray.registry.state_candidates`: the final state,
 then every checkpoint, newest first). A file that does not load (half-written by a run that died while
@@ -46,6 +48,7 @@ import yaml
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, build_config, parse_override
 from .registry import CHECKPOINT_STATE, FINAL_STATE, SAFE_NAME, load_record, run_exists, state_candidates
+from .evaluation.export import is_model_uri, load_mlflow_model
 from .storage import REMOTE_SCHEMES, Storage
 from .tracking import RunLogger, redact, resolve_uri
 
@@ -327,6 +330,18 @@ def _from_mlflow(run_id: str, uri: str, roots: Sequence[Storage], endpoint: str 
                       tracking_uri=uri)
 
 
+def _from_model_uri(spec: str, uri: str) -> EvalTarget:
+    """The target for an MLflow model (``models:/NAME/VERSION``, ``runs:/RUN_ID/backbone``) that train
+    logged: its weights, the config in its metadata; results go to the run that logged it."""
+    try:
+        model, metadata, run_id = load_mlflow_model(spec, uri)
+    except LookupError as exc:
+        raise EvalTargetError(str(exc)) from None
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    return EvalTarget(label=spec, method_state=state, config=metadata["pcl_ray_config"], checkpoint=spec,
+                      mlflow_run_id=run_id, tracking_uri=uri)
+
+
 def resolve_target(spec: str, overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> EvalTarget:
     """Find what ``spec`` names (see the module docstring).
 
@@ -336,6 +351,8 @@ def resolve_target(spec: str, overrides: Sequence[str] = (), log: Callable[[str]
         EvalTargetError: nothing matches, or the match is not a usable checkpoint.
     """
     endpoint = _endpoint(overrides)
+    if is_model_uri(spec):
+        return _from_model_uri(spec, resolve_uri(_override_value(overrides, "tracking.uri")))
     if _is_uri(spec):
         return _from_location(_locate(spec, endpoint), log)
     path = Path(spec).expanduser()

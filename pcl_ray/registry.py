@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from .config import ConfigError
 from .storage import Storage
+from .tracking import RunLogger, redact, resolve_uri
 
 REGISTRY_DIR = ".pcl_ray"
 FINAL_STATE = "final_state.pt"
@@ -88,6 +89,26 @@ def latest_run(storage: Storage, pipeline: str | None = None) -> str | None:
     """The most recently started run (of ``pipeline`` when given), or None."""
     records = [r for r in list_records(storage) if pipeline is None or r.pipeline == pipeline]
     return max(records, key=lambda r: r.started_at).run_name if records else None
+
+
+def run_storage(cfg) -> Storage:
+    """The storage root of ``cfg`` (``ray.storage_path``), see :mod:`pcl_ray.storage`."""
+    return Storage.from_config(cfg)
+
+
+def latest_run_name(storage: Storage, pipeline: str | None = None) -> str | None:
+    """Name of the most recently started run (of ``pipeline`` when given), for ``--resume`` without a name."""
+    return latest_run(storage, pipeline)
+
+
+def finished_run(cfg, run_name: str) -> RunLogger | None:
+    """The MLflow run of ``run_name`` when an earlier start of it already ended FINISHED, else None."""
+    uri = resolve_uri(cfg.tracking.uri)
+    saved = load_record(run_storage(cfg), run_name)
+    if saved is None or saved.tracking_uri not in (uri, redact(uri)):
+        return None
+    logger = RunLogger(uri, saved.mlflow_run_id)
+    return logger if logger.client.get_run(logger.run_id).info.status == "FINISHED" else None
 
 
 def run_exists(storage: Storage, run_name: str) -> bool:

@@ -33,10 +33,10 @@ KEY = "ray.storage_path"
 
 
 def default_root() -> Path:
-    """Where runs go when ``ray.storage_path`` is not set."""
-    from .tracking import PROJECT_DIR
+    """Where runs go when ``ray.storage_path`` is not set: ``runs/`` in the home (:mod:`pcl_ray.paths`)."""
+    from .paths import home
 
-    return PROJECT_DIR / "runs"
+    return home() / "runs"
 
 
 def _endpoint(explicit: str | None) -> str | None:

@@ -9,13 +9,20 @@ from typing import Any
 
 from .secrets import redact  # noqa: F401  (re-exported: tracking URIs are shown redacted)
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_DIR = Path(os.environ.get("PCL_RAY_MLRUNS", PROJECT_DIR / "mlruns"))
+
+
+def default_dir() -> Path:
+    """The embedded store's folder: ``$PCL_RAY_MLRUNS``, else ``mlruns/`` in the home (:mod:`pcl_ray.paths`)."""
+    from .paths import home
+
+    value = os.environ.get("PCL_RAY_MLRUNS", "").strip()
+    return Path(value).expanduser() if value else home() / "mlruns"
 
 
 def default_tracking_uri() -> str:
-    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
+    folder = default_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(folder / 'mlflow.db').resolve()}"
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -85,6 +92,32 @@ def ensure_experiment(uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
+def provenance_tags() -> dict[str, str]:
+    """The tags ``mlflow.start_run`` would add and ``MlflowClient.create_run`` does not: the command that
+    ran (``mlflow.source.name``), ``mlflow.source.type``, the user, and the git commit of the pcl-ray source
+    when it runs from a git checkout (``mlflow.source.git.commit``)."""
+    import getpass
+    import subprocess
+
+    from .cli import invoked_as
+
+    tags = {"mlflow.source.name": invoked_as(), "mlflow.source.type": "LOCAL"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
+    source = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(["git", "-C", str(source), "rev-parse", "--show-toplevel", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    lines = done.stdout.split()
+    if done.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == source:
+        tags["mlflow.source.git.commit"] = lines[1]
+    return tags
+
+
 def _clean_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
@@ -115,7 +148,7 @@ class RunLogger:
         from mlflow.tracking import MlflowClient
 
         exp_id = ensure_experiment(tracking_uri, experiment)
-        tags = dict(tags or {})
+        tags = {**provenance_tags(), **(tags or {})}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = MlflowClient(tracking_uri).create_run(exp_id, run_name=run_name, tags=tags)

@@ -15,7 +15,7 @@ import torch
 from .config import ConfigError, ExperimentConfig, dump_config
 from .signals import sigterm_as_interrupt
 from .resume import check_resume
-from .registry import RunRecord, check_name, final_state_rel, latest_run, load_record, save_record
+from .registry import RunRecord, check_name, final_state_rel, load_record, run_storage, save_record
 from .storage import Storage
 from .tracking import RunLogger, redact, resolve_uri
 
@@ -28,16 +28,7 @@ class TrainOutcome:
     state_path: str | None  # where <run>/final_state.pt lives in the storage (a path or a URI)
     eval: dict[str, dict[str, Any]] = field(default_factory=dict)
     final_metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def run_storage(cfg: ExperimentConfig) -> Storage:
-    """The storage root of ``cfg`` (``ray.storage_path``), see :mod:`pcl_ray.storage`."""
-    return Storage.from_config(cfg)
-
-
-def latest_run_name(storage: Storage, pipeline: str | None = None) -> str | None:
-    """Name of the most recently started run (of ``pipeline`` when given), for ``--resume`` without a name."""
-    return latest_run(storage, pipeline)
+    models: dict[str, str] = field(default_factory=dict)  # MLflow model URIs: backbone, encoder
 
 
 def _open_mlflow_run(cfg: ExperimentConfig, storage: Storage, run_name: str, parent_run_id: str | None,
@@ -59,22 +50,29 @@ def _open_mlflow_run(cfg: ExperimentConfig, storage: Storage, run_name: str, par
     return logger
 
 
-def finished_run(cfg: ExperimentConfig, run_name: str) -> RunLogger | None:
-    """The MLflow run of ``run_name`` when an earlier start of it already ended FINISHED, else None."""
-    uri = resolve_uri(cfg.tracking.uri)
-    saved = load_record(run_storage(cfg), run_name)
-    if saved is None or saved.tracking_uri not in (uri, redact(uri)):
-        return None
-    logger = RunLogger(uri, saved.mlflow_run_id)
-    return logger if logger.client.get_run(logger.run_id).info.status == "FINISHED" else None
-
-
 def default_run_name(cfg: ExperimentConfig) -> str:
     return f"{cfg.method.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_precision(cfg: ExperimentConfig, gpu: bool | None = None) -> None:
+    """fp16 (its grad scaler) needs GPU workers. ``gpu``: whether the workers get GPUs, once Ray knows; before
+    Ray starts, ``ray.use_gpu`` decides (``auto`` on a new local Ray: whether this machine has CUDA)."""
+    if cfg.train.precision != "fp16":
+        return
+    if gpu is None:
+        from .distributed.connect import attach_address
+
+        if cfg.ray.use_gpu == "auto" and attach_address(cfg) is not None:
+            return  # an attached cluster's GPUs are known once connected (connect() checks again)
+        gpu = bool(cfg.ray.use_gpu) if cfg.ray.use_gpu != "auto" else torch.cuda.is_available()
+    if not gpu:
+        raise ConfigError("train.precision: fp16 needs GPU workers (ray.use_gpu and a CUDA device); "
+                          "use fp32, bf16 or auto on a CPU-only run")
+
+
 def preflight(cfg: ExperimentConfig, num_samples: int) -> None:
     """What the config and the data decide alone, checked before anything starts."""
+    check_precision(cfg)
     if cfg.needs_estep:
         too_big = [k for k in cfg.estep.num_clusters if k >= num_samples]
         if too_big:
@@ -101,6 +99,7 @@ def connect(cfg: ExperimentConfig, storage: Storage, tracking_uri: str) -> bool:
     sigterm_as_interrupt()  # ray.init replaced the handler with a plain exit
     nodes = alive_nodes()
     check_multi_node(cfg, storage, tracking_uri, nodes)
+    check_precision(cfg, use_gpu(cfg))
     if started_local:
         check_resources(cfg, use_gpu(cfg), attached=False)
     return attached or nodes > 1
@@ -108,7 +107,8 @@ def connect(cfg: ExperimentConfig, storage: Storage, tracking_uri: str) -> bool:
 
 def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: str | None = None,
           log=print, callbacks: list | None = None, tags: dict[str, str] | None = None,
-          init_checkpoint: str | None = None, pipeline: str | None = None) -> TrainOutcome:
+          init_checkpoint: str | None = None, pipeline: str | None = None,
+          register: str | None = None) -> TrainOutcome:
     from .data import check_data
     from .distributed.trainer import fit
     from .evaluation.report import evaluate
@@ -117,7 +117,8 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
     run_name = check_name(run_name or cfg.ray.run_name or default_run_name(cfg), "ray.run_name")
     # Check what can be checked before anything is written: the data loads, every k fits, the cluster
     # reaches the storage and the tracking store.
-    train_labels = check_data(cfg).labels  # for monitoring only (estep/k*/ami_labels)
+    train_data = check_data(cfg)
+    train_labels = train_data.labels  # for monitoring only (estep/k*/ami_labels)
     num_samples = len(train_labels)
     preflight(cfg, num_samples)
     storage = run_storage(cfg)
@@ -151,6 +152,13 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
             raw = storage.read_bytes(final_state_rel(run_name))
             state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         _log_training_artifacts(logger, outcome, state)
+        if state is not None:  # MLflow Models: runs:/<id>/backbone and /encoder (models:/NAME/N with --register)
+            from .evaluation.export import log_mlflow_models
+
+            result.models = log_mlflow_models(
+                logger.tracking_uri, logger.run_id, cfg, state["method"], mean=train_data.mean, std=train_data.std,
+                channels=train_data.channels, input_size=cfg.data.image_size or train_data.image_size,
+                register=register)
         if cfg.eval.enabled and state is not None:
             torch.set_num_threads(os.cpu_count() or 1)  # on a cluster: one Ray task with a worker's resources
             result.eval = evaluate(cfg, state["method"], log=log, remote=on_cluster)

@@ -223,6 +223,8 @@ CASES: list[Case] = [
     Case("lr-steps-negative", T("train.lr_steps=[-5,10]"), ["train.lr_steps"]),
     Case("lr-steps-unsorted", T("train.lr_steps=[160,120]"), ["train.lr_steps"]),
     Case("k-below-2", T("estep.num_clusters=[1,10]"), ["estep.num_clusters"]),
+    Case("gpu-share-one", T("estep.gpu_share=1"), ["estep.gpu_share", "less than 1"]),
+    Case("gpu-share-zero", T("estep.gpu_share=0"), ["estep.gpu_share", "greater than 0"]),
     Case("eval-shots-zero", T("eval.lowshot_shots=[0,1]"), ["eval.lowshot_shots"]),
     Case("warmup-over-epochs", T("train.warmup_epochs=5"), ["train.warmup_epochs"]),
     Case("override-no-equals", T("train.epochs"), ["train.epochs", "KEY=VALUE"]),
@@ -570,3 +572,21 @@ def test_cli_reports_an_error_from_a_train_worker(monkeypatch, capsys) -> None:
     monkeypatch.setattr(cli, "cmd_train", other_failure)
     with pytest.raises(RuntimeError, match="not a config problem"):
         cli.main(["train", str(TINY)])
+
+
+@pytest.mark.parametrize("use_gpu", ["false", "auto"])
+def test_fp16_without_a_gpu_stops_before_ray_starts(use_gpu, isolated: Path, monkeypatch, capsys) -> None:
+    """``train.precision=fp16`` needs GPU workers: on a machine without CUDA (or with ``ray.use_gpu=false``)
+    the driver says so, naming the key, before Ray starts and before anything is written."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    storage = isolated / "runs"
+    argv = T("train.precision=fp16", f"ray.use_gpu={use_gpu}", f"ray.storage_path={storage}",
+             f"tracking.uri=sqlite:///{isolated / 'mlflow.db'}")
+    before = _files(storage)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: train.precision") and "fp16" in err[0], err
+    assert not _ray_started()
+    assert _files(storage) == before

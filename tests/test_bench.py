@@ -16,7 +16,7 @@ TINY = ROOT / "pipelines" / "digits_tiny.yaml"
 
 
 def test_parts_are_parsed_and_a_bad_name_is_refused():
-    assert parse_parts("all") == ("views", "mstep", "estep")
+    assert parse_parts("all") == ("views", "mstep", "mfu", "estep", "epoch")
     assert parse_parts("estep, views") == ("estep", "views")
     with pytest.raises(ConfigError, match="--parts: expected .* got 'viewz'"):
         parse_parts("viewz")
@@ -48,7 +48,7 @@ def test_bench_measures_every_part_and_writes_files_and_an_mlflow_run(tmp_path):
     report = run_bench(cfg, ("views", "mstep", "estep"), steps=1, log=lambda _: None)
     parts = {r.part for r in report.rows}
     assert parts == {"views", "mstep", "estep"}
-    assert all(r.value > 0 for r in report.rows if r.unit != "fraction")
+    assert all(r.value > 0 for r in report.rows if r.unit not in ("fraction", "AMI"))
     k_rows = [r for r in report.rows if r.what.startswith("k-means + phi")]
     assert [r.what.split(" (")[0] for r in k_rows] == [f"k-means + phi, k={k}" for k in cfg.estep.num_clusters]
     speedup = report.value("views", "speed-up batched / PIL")
@@ -70,11 +70,31 @@ def test_bench_measures_every_part_and_writes_files_and_an_mlflow_run(tmp_path):
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"bench.json", "bench.md"}
 
 
+def test_mfu_and_epoch_parts_count_flops_and_compare_pcl_with_moco():
+    cfg = load_config(TINY)
+    report = run_bench(cfg, ("mfu", "epoch", "estep"), steps=1, log=lambda _: None)
+    # FlopCounterMode counts the real step: the convolutions are a part of it, the MFU a fraction of the peak
+    assert report.value("mfu", "step FLOPs per image (forward + backward)") > 0
+    assert 0 < report.value("mfu", "convolution share of the step's FLOPs") < 1
+    mfu = report.value("mfu", "training step MFU (achieved / matmul peak)")
+    assert mfu == pytest.approx(report.value("mfu", "training step, achieved")
+                                / report.value("mfu", "fp32 matmul peak (2048^2)"), rel=1e-6)
+    # the epoch ratio is assembled from the rows it prints: (N/B * t_pcl + t_estep) / (N/B * t_moco)
+    moco = report.value("epoch", f"MoCo M-step epoch estimate ({report.info['images']} images)")
+    step_ratio = report.value("epoch", "PCL step / MoCo step (same batch, views made in advance)")
+    warm = report.value("epoch", "E-step k-means + phi, warm start (5 iterations)")
+    assert report.value("epoch", "PCL epoch / MoCo epoch (stream, warm)") == pytest.approx(
+        (moco * step_ratio + warm) / moco, rel=1e-6)
+    for k in cfg.estep.num_clusters:
+        assert 0 <= report.value("estep", f"warm-start assignments vs cold, AMI, k={k}") <= 1 + 1e-9
+
+
 def test_a_method_without_e_step_reports_no_e_step():
     cfg = load_config(TINY, ["method.name=moco"])
-    report = run_bench(cfg, ("mstep", "estep"), steps=1, log=lambda _: None)
+    report = run_bench(cfg, ("mstep", "estep", "epoch"), steps=1, log=lambda _: None)
     assert {r.part for r in report.rows} == {"mstep"}
     assert report.info["estep"] == "none (moco has no E-step)"
+    assert report.info["epoch"].startswith("skipped (the PCL/MoCo ratio needs method.name=pcl")
 
 
 def test_cli_refuses_bad_input_before_measuring(tmp_path, capsys):

@@ -130,3 +130,30 @@ def test_failed_estep_starts_over_on_a_fresh_submission(ray_local):
         assert ray.get(actor.info.remote())["failed_epochs"] == []
     finally:
         ray.kill(actor)
+
+
+def test_label_agreement_comes_after_the_prototypes_and_reaches_the_epoch(ray_local):
+    """The published PrototypeSet carries no AMI (it is not on the critical path); health(epoch) has it."""
+    ray = ray_local
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    from pcl_ray.distributed.cluster_actor import start_cluster_actor
+    from pcl_ray.distributed.handoff import fetch_health
+
+    feats = _features(seed=2)
+    labels = np.arange(len(feats)) % 4
+    labels[:10] = -1  # unknown labels are left out
+    actor = start_cluster_actor("t-health", len(feats), feats.shape[1], ESTEP, labels=labels)
+    try:
+        _submit_all(ray, actor, 3, feats)
+        reply = ray.get(actor.wait_prototypes.remote(3, 0, 30.0))
+        pset = ray.get(reply["ref"][0])
+        assert not any(k.endswith("ami_labels") for k in pset.stats())
+        health = fetch_health(actor, 3, timeout_s=30.0)
+        for g in pset.granularities:
+            want = adjusted_mutual_info_score(labels[10:], g.assignments[10:])
+            assert health[f"estep/k{g.num_clusters}/ami_labels"] == pytest.approx(want)
+        assert health["estep/ami_sample"] == len(feats) - 10
+        assert fetch_health(actor, 99, timeout_s=1.0) == {}  # an epoch the actor never ran
+    finally:
+        ray.kill(actor)

@@ -283,6 +283,19 @@ def test_imagefolder_lazy(tmp_path: Path) -> None:
         load_split(data_cfg("imagefolder"), "train")
 
 
+def test_imagefolder_trains_at_the_native_size_the_images_share(tmp_path: Path, capsys) -> None:
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(np.full((28, 28), 40 * j, np.uint8)).save(tmp_path / "train" / cls / f"{j}.png")
+    ds = load_split(data_cfg("imagefolder", root=str(tmp_path)), "train")
+    assert ds.image_size == 28 and ds[0][0].shape == (3, 28, 28)  # not upscaled to 224
+    out = capsys.readouterr().out
+    assert "native 28x28" in out and "trains at 28x28" in out
+    # an explicit size wins (its line is printed once per process, maybe by an earlier test already)
+    assert load_split(data_cfg("imagefolder", root=str(tmp_path), image_size=16), "train").image_size == 16
+
+
 def write_parquet(path: Path, images: list[np.ndarray], labels: list[int] | None, *, hf_struct: bool = False) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pcl_ray.config import load_config
-from pcl_ray.distributed.worker import StreamedEmbeddings
+from pcl_ray.estep.prototypes import PrototypeTensors
+from pcl_ray.training import StreamedEmbeddings
 from pcl_ray.training import EpochPlan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,11 +40,11 @@ def test_streamed_embeddings_keep_rows_with_their_indices():
     idx, emb = buf.shard()
     assert idx.tolist() == [5, 1, 4, 0, 2, 3]
     assert emb.dtype == np.float32 and emb[0].tolist() == [0.0, 1.0] and emb[5].tolist() == [10.0, 11.0]
-    with pytest.raises(RuntimeError, match="estep.features=stream: method 'x' sets no stream_embedding"):
+    with pytest.raises(RuntimeError, match="estep.features=stream: method 'x' returns no stream_embedding"):
         buf.add(torch.tensor([1]), None, "x")
 
 
-def test_every_e_step_method_sets_its_stream_embedding():
+def test_every_e_step_method_returns_its_stream_embedding():
     from pcl_ray.methods import METHODS, build_method
 
     for name, cls in METHODS.items():
@@ -57,17 +58,21 @@ def test_every_e_step_method_sets_its_stream_embedding():
         x = torch.rand(8, 1, 8, 8)
         views = [x + 0.01 * torch.randn_like(x) for _ in method.view_specs(8)]
         k = cfg.estep.num_clusters
-        prototypes = [(torch.randint(0, kk, (8,)), torch.nn.functional.normalize(torch.randn(kk, cfg.model.feature_dim), dim=1),
-                       torch.full((kk,), 0.2)) for kk in k] if name != "pcl" else None
+        prototypes = [PrototypeTensors(torch.randint(0, kk, (8,)),
+                                       torch.nn.functional.normalize(torch.randn(kk, cfg.model.feature_dim), dim=1),
+                                       torch.full((kk,), 0.2)) for kk in k] if name != "pcl" else None
         if prototypes is not None:
             method.on_prototypes(prototypes)
-        method.training_loss(method.net, views, torch.arange(8), prototypes, generator=torch.Generator(), epoch=1)
-        emb = method.stream_embedding
-        assert emb is not None and emb.shape == (8, cfg.model.feature_dim) and not emb.requires_grad, name
+        result = method.training_loss(method.net, views, torch.arange(8), prototypes, generator=torch.Generator(),
+                                      epoch=1)
+        emb = result.stream_embedding
+        assert emb is not None and emb.shape == (8, type(method).estep_dim(cfg)) and not emb.requires_grad, name
         method.estep_module().eval()
-        with torch.no_grad():  # the same space as the eval pass: unit vectors of the E-step's dimension
+        with torch.no_grad():  # the same space as the eval pass: the E-step's dimension, unit rows if its are
             ref = method.embed_for_estep(x)
-        assert ref.shape == emb.shape and torch.allclose(emb.norm(dim=1), torch.ones(8), atol=1e-5), name
+        assert ref.shape == emb.shape, name
+        unit = torch.allclose(ref.norm(dim=1), torch.ones(8), atol=1e-5)
+        assert unit == torch.allclose(emb.norm(dim=1), torch.ones(8), atol=1e-5), name
 
 
 @pytest.mark.ray

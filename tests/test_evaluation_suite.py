@@ -17,6 +17,7 @@ from pcl_ray.config import build_config
 from pcl_ray.data import load_split
 from pcl_ray.evaluation import (
     DEFAULT_SUITES,
+    SUITES,
     backbone_state_dict,
     balanced_subset,
     export_backbone,
@@ -262,9 +263,8 @@ def test_parse_suites() -> None:
 
 
 def test_knn_suite_reports_every_extra_neighbour_count(tmp_path) -> None:
-    from pcl_ray.data import ViewMaker
+    from pcl_ray.evaluation.features import embed_split, eval_views, load_encoder
     from pcl_ray.evaluation.knn import knn_accuracy
-    from pcl_ray.evaluation.suite import _embed_split, encoder_from_state
 
     cfg = _digits_cfg(tmp_path, knn_extra_k=[1, 5])
     torch.manual_seed(0)
@@ -272,9 +272,9 @@ def test_knn_suite_reports_every_extra_neighbour_count(tmp_path) -> None:
     metrics = run_suite(cfg, state, ["knn"], tmp_path / "out", log=lambda _: None)
     assert set(metrics) == {"eval/knn/acc", "eval/knn/acc_k1", "eval/knn/acc_k5"}
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
-    enc = encoder_from_state(cfg, state, train.channels)
-    views = ViewMaker(cfg.data.views.recipe, train.image_size, train.channels, train.mean, train.std)
-    xtr, xte = (_embed_split(enc, ds, views, cfg.eval.feature) for ds in (train, test))
+    enc = load_encoder(cfg, state, train.channels)
+    views = eval_views(cfg, train)
+    xtr, xte = (embed_split(enc, ds, views, [cfg.eval.feature])[cfg.eval.feature] for ds in (train, test))
     for name, k in (("acc", 20), ("acc_k1", 1), ("acc_k5", 5)):
         expected = knn_accuracy(xtr, train.labels, xte, test.labels, k=k, temperature=cfg.eval.knn_temperature)
         assert metrics[f"eval/knn/{name}"] == pytest.approx(expected), name
@@ -410,3 +410,9 @@ def test_run_suite_finetune(tmp_path) -> None:
     torch.manual_seed(0)
     metrics = run_suite(cfg, build_method(cfg, 1).state_dict(), ["finetune"], tmp_path, log=lambda _: None)
     assert set(metrics) == {"eval/finetune/acc_1pct", "eval/finetune/acc_10pct"}
+
+
+def test_every_suite_the_config_names_has_a_runner() -> None:
+    from pcl_ray.evaluation.suite import _RUNNERS
+
+    assert tuple(_RUNNERS) == SUITES  # eval.suites (config.EVAL_SUITES) and the runners name the same suites

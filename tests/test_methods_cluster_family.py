@@ -12,7 +12,9 @@ import torch
 from pcl_ray.config import ConfigError, load_config
 from pcl_ray.data import ViewMaker, iterate_batches, load_split
 from pcl_ray.estep import run_estep
+from pcl_ray.estep.prototypes import PrototypeTensors
 from pcl_ray.methods import build_method
+from pcl_ray.training import train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = ROOT / "pipelines" / "digits_tiny.yaml"
@@ -46,7 +48,8 @@ def _prototypes(method, cfg, ds):
     feats = torch.cat([method.embed_for_estep(eval_views.eval(x)) for x, _ in
                        iterate_batches(ds, np.arange(len(ds)), 512, shuffle=False, seed=0, drop_last=False)])
     method.estep_module().train()
-    pset = run_estep(feats, cfg.estep.num_clusters, cfg.method.temperature, nredo=1, seed=0)
+    options = {"seed": 0, **type(method).estep_options(cfg)}  # what the method asks of its E-step
+    pset = run_estep(feats, cfg.estep.num_clusters, cfg.method.temperature, nredo=1, **options)
     return pset.to_torch("cpu")
 
 
@@ -66,14 +69,10 @@ def _train(method, cfg, views, index, prototypes, steps: int = 10) -> list[float
     losses = []
     for _ in range(steps):
         gen = torch.Generator().manual_seed(1)  # same pair draw every step: the loss moves only with the weights
-        loss, metrics = method.training_loss(method.net, views, index, prototypes, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_optimizer_step(0, len(losses))
-        opt.step()
-        method.after_step()
-        losses.append(float(loss.detach()))
-        assert all(math.isfinite(v) for v in metrics.values()), metrics
+        result = train_step(method, method.net, opt, views, index, prototypes, generator=gen, epoch=0,
+                            global_step=len(losses))
+        losses.append(float(result.loss.detach()))
+        assert all(math.isfinite(float(v)) for v in result.metrics.values()), result.metrics
     return losses
 
 
@@ -90,9 +89,9 @@ def test_deepcluster_loss_decreases_with_frozen_prototype_heads(digits):
     cfg, method, prototypes = _build("deepcluster", digits)
     heads = list(method.prototypes)
     assert [h.out_features for h in heads] == cfg.estep.num_clusters
-    for head, (_, centroids, _) in zip(heads, prototypes):
+    for head, p in zip(heads, prototypes):
         assert not head.weight.requires_grad
-        assert torch.allclose(head.weight, centroids)
+        assert torch.allclose(head.weight, p.centroids)
         assert torch.allclose(head.weight.norm(dim=1), torch.ones(head.out_features), atol=1e-5)
     # the heads are outside the DDP-wrapped net, so never in the optimizer
     assert not ({id(p) for p in method.net.parameters()} & {id(h.weight) for h in heads})
@@ -102,17 +101,17 @@ def test_deepcluster_loss_decreases_with_frozen_prototype_heads(digits):
     _assert_decreasing(losses)
     # ln k bounds the loss of an uninformed model; the first step starts near it, not at 0
     assert losses[0] > 0.1
-    for head, (_, centroids, _) in zip(heads, prototypes):
-        assert head.weight.grad is None and torch.equal(head.weight, centroids)
+    for head, p in zip(heads, prototypes):
+        assert head.weight.grad is None and torch.equal(head.weight, p.centroids)
 
 
 def test_deepcluster_empty_cluster_keeps_previous_centroid(digits):
     cfg, method, prototypes = _build("deepcluster", digits)
     before = method.prototypes[0].weight.clone()
-    assignments, centroids, phi = prototypes[0]
-    moved = torch.nn.functional.normalize(centroids + 0.5, dim=1)
-    emptied = torch.where(assignments == 3, torch.tensor(4), assignments)  # cluster 3 loses its members
-    method.on_prototypes([(emptied, moved, phi), *prototypes[1:]])
+    p = prototypes[0]
+    moved = torch.nn.functional.normalize(p.centroids + 0.5, dim=1)
+    emptied = torch.where(p.assignments == 3, torch.tensor(4), p.assignments)  # cluster 3 loses its members
+    method.on_prototypes([PrototypeTensors(emptied, moved, p.concentration), *prototypes[1:]])
     after = method.prototypes[0].weight
     assert torch.equal(after[3], before[3])
     keep = torch.arange(after.shape[0]) != 3
@@ -127,13 +126,17 @@ def test_deepcluster_needs_no_warmup():
 # --------------------------------------------------------------------------- #
 # SPCL
 # --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("variant", ["full", "lite"])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_spcl_loss_decreases_and_reports_all_parts(digits, symmetric):
+def test_spcl_loss_decreases_and_reports_all_parts(digits, symmetric, variant):
     cfg, method, prototypes = _build("spcl", digits, f"method.spcl.symmetric_ce={symmetric}",
-                                     "estep.num_clusters=[10]")
+                                     "estep.num_clusters=[10]", f"method.spcl.variant={variant}")
     views, index = _views(cfg, digits)
-    _, metrics = method.training_loss(method.net, views, index, prototypes, generator=torch.Generator())
-    assert {"loss/nt_xent", "loss/metric", "loss/proto_ce", "acc/instance", "acc/proto", "acc/metric"} <= set(metrics)
+    result = method.training_loss(method.net, views, index, prototypes, generator=torch.Generator())
+    assert {"loss/nt_xent", "loss/metric", "loss/proto_ce", "acc/instance", "acc/proto", "acc/metric"} <= set(
+        result.metrics)
+    # the stream embedding is what the variant's E-step clusters: backbone features (full) or the head (lite)
+    assert result.stream_embedding.shape == (BATCH, type(method).estep_dim(cfg))
     losses = _train(method, cfg, views, index, prototypes)
     _assert_decreasing(losses)
 
@@ -150,13 +153,14 @@ def test_spcl_warmup_trains_nt_xent_only_but_touches_every_parameter(digits):
     cfg = _cfg("spcl", "train.warmup_epochs=1")
     method = build_method(cfg, digits.channels)
     views, index = _views(cfg, digits)
-    loss, metrics = method.training_loss(method.net, views, index, None, generator=torch.Generator())
-    assert set(metrics) == {"loss/nt_xent", "acc/instance"}
-    assert loss.item() == pytest.approx(cfg.method.spcl.weight_ntxent * metrics["loss/nt_xent"], rel=1e-6)
-    loss.backward()
-    # DDP without find_unused_parameters needs a gradient (here exactly 0) for the metric head too
-    head = method.net.metric_head
-    assert head.weight.grad is not None and torch.all(head.weight.grad == 0)
+    result = method.training_loss(method.net, views, index, None, generator=torch.Generator())
+    assert set(result.metrics) == {"loss/nt_xent", "acc/instance"}
+    assert result.loss.item() == pytest.approx(
+        cfg.method.spcl.weight_ntxent * float(result.metrics["loss/nt_xent"]), rel=1e-6)
+    result.loss.backward()
+    # DDP without find_unused_parameters needs a gradient (here exactly 0) for the metric head and classifier too
+    for head in (method.net.metric_head, method.net.classifier):
+        assert head.weight.grad is not None and torch.all(head.weight.grad == 0)
 
 
 # --------------------------------------------------------------------------- #

@@ -14,6 +14,7 @@ from pcl_ray.data import ViewMaker, load_split
 from pcl_ray.methods import METHODS, build_method
 from pcl_ray.methods.simclr import SimCLR
 from pcl_ray.methods.swav import SwAV
+from pcl_ray.training import train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "pipelines" / "digits_tiny.yaml"
@@ -38,14 +39,11 @@ def _setup(name: str, extra: list[str] = ()):
 
 
 def _step(method, views, index, optimizer, step: int, epoch: int = 0):
-    """One iteration exactly as the worker loop runs it (no DDP: ``online`` is the plain net)."""
-    loss, metrics = method.training_loss(method.net, views, index, epoch=epoch)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    method.before_optimizer_step(epoch, step)
-    optimizer.step()
-    method.after_step()
-    return float(loss.detach()), metrics
+    """One iteration through the worker loop's own :func:`~pcl_ray.training.train_step` (no DDP: ``online``
+    is the plain net)."""
+    result = train_step(method, method.net, optimizer, views, index, None, generator=None, epoch=epoch,
+                        global_step=step)
+    return float(result.loss.detach()), {k: float(v) for k, v in result.metrics.items()}
 
 
 def test_registered():
@@ -69,9 +67,11 @@ def test_ten_steps_on_a_fixed_batch_decrease_the_loss(name):
     assert set(metrics) == expected
 
 
-def _count_encoder_calls(method) -> list[int]:
+def _count_encoder_calls(method, part: str | None = None) -> list[int]:
+    """Batch size of every forward of the encoder (or of its ``part``: ``backbone``, ``head``)."""
     calls = []
-    method.encoder.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    module = method.encoder if part is None else getattr(method.encoder, part)
+    module.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
     return calls
 
 
@@ -87,9 +87,11 @@ def test_simclr_runs_both_views_as_one_batch():
 def test_swav_multicrop_groups_by_resolution():
     method, views, index, _ = _setup("swav")
     assert [v.shape[-1] for v in views] == [8, 8, 6, 6]
-    calls = _count_encoder_calls(method)
+    backbone_calls = _count_encoder_calls(method, "backbone")
+    head_calls = _count_encoder_calls(method, "head")
     z, scores = method.net(views)
-    assert calls == [2 * BATCH, 2 * BATCH]  # one encoder pass per resolution
+    assert backbone_calls == [2 * BATCH, 2 * BATCH]  # one backbone pass per resolution
+    assert head_calls == [4 * BATCH]  # one head pass: its BatchNorm sees every crop
     assert z.shape == (4 * BATCH, method.cfg.model.feature_dim) and scores.shape == (4 * BATCH, 30)
     assert scores.abs().max() <= 1.0 + 1e-5  # unit features · unit prototypes
 
@@ -166,7 +168,7 @@ def _ddp_rank(rank: int, store: str, out: str) -> None:
             half = views[0].shape[0] // 2
             local = [v[rank * half:(rank + 1) * half] for v in views]
             online = DistributedDataParallel(method.net)  # keep a reference: its reducer syncs the grads
-            loss, _ = method.training_loss(online, local, None)
+            loss = method.training_loss(online, local, None).loss
             loss.backward()
             total = loss.detach().clone()
             dist.all_reduce(total)
@@ -189,7 +191,7 @@ def test_two_ddp_ranks_match_one_process_on_the_global_batch(tmp_path):
     results = torch.load(out, weights_only=True)
     for name in ("simclr", "swav"):
         method, views = _exact_setup(name)
-        loss, _ = method.training_loss(method.net, views, None)
+        loss = method.training_loss(method.net, views, None).loss
         loss.backward()
         mean_loss, grads = results[name]
         assert mean_loss == pytest.approx(loss.item(), rel=1e-12)

@@ -111,7 +111,8 @@ def _fake_train(calls: list):
     from pcl_ray.methods import build_method
     from pcl_ray.registry import final_state_rel
     from pcl_ray.tracking import RunLogger, resolve_uri
-    from pcl_ray.workflow import TrainOutcome, run_storage
+    from pcl_ray.registry import run_storage
+    from pcl_ray.workflow import TrainOutcome
 
     def train(cfg, *, run_name, parent_run_id=None, tags=None, **_):
         calls.append(run_name)

@@ -234,13 +234,13 @@ def test_a_trial_finished_before_an_interruption_is_not_rerun(tmp_path, monkeypa
     """Tune may not have recorded a trial's end when the sweep is interrupted; its MLflow run says it ended."""
     from ray import tune
 
-    from pcl_ray import workflow
+    from pcl_ray import registry, workflow
     from pcl_ray.sweep import trial
 
     cfg = load_config(SMOKE, [f"ray.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'db'}"])
-    assert workflow.finished_run(cfg, "smoke-t1") is None  # never started
-    logger = workflow._open_mlflow_run(cfg, workflow.run_storage(cfg), "smoke-t1", None)
-    assert workflow.finished_run(cfg, "smoke-t1") is None  # started, still running
+    assert registry.finished_run(cfg, "smoke-t1") is None  # never started
+    logger = workflow._open_mlflow_run(cfg, registry.run_storage(cfg), "smoke-t1", None)
+    assert registry.finished_run(cfg, "smoke-t1") is None  # started, still running
 
     calls = []
     monkeypatch.setattr(workflow, "train", lambda *a, **k: calls.append(k) or pytest.fail("trained again"))
@@ -253,7 +253,7 @@ def test_a_trial_finished_before_an_interruption_is_not_rerun(tmp_path, monkeypa
     # train() closes the run FINISHED only after training and evaluation; an interruption may still
     # come before the trial tags it finished: the resume completes the tag and trains nothing
     logger.end("FINISHED")
-    assert workflow.finished_run(cfg, "smoke-t1").run_id == logger.run_id
+    assert registry.finished_run(cfg, "smoke-t1").run_id == logger.run_id
     end_time = logger.client.get_run(logger.run_id).info.end_time
     trial.run_trial({}, spec)
     run = logger.client.get_run(logger.run_id)

@@ -253,6 +253,41 @@ def _required_root(cfg: Any) -> Path:
     return Path(root).expanduser()
 
 
+#: headers read to find an ImageFolder's native size (data.image_size None)
+SIZE_SAMPLE = 256
+
+
+def native_size(paths: list[str], where: Any) -> int:
+    """The side the images of ``paths`` share (headers of a seeded sample of :data:`SIZE_SAMPLE`), the
+    shorter side when they are all the same non-square size, else :data:`DEFAULT_LAZY_IMAGE_SIZE`. Says which."""
+    from .checks import sample_indices
+
+    sizes = set()
+    for i in sample_indices(len(paths), SIZE_SAMPLE):
+        try:
+            with Image.open(paths[i]) as img:
+                sizes.add(img.size)
+        except Exception:  # a bad file is reported by check_decodes, with its name
+            continue
+    if len(sizes) == 1:
+        w, h = next(iter(sizes))
+        _note(f"data.image_size unset: training at the images' native {min(w, h)}x{min(w, h)} ({where})")
+        return min(w, h)
+    _note(f"data.image_size unset and the images of {where} differ in size: training at "
+          f"{DEFAULT_LAZY_IMAGE_SIZE}x{DEFAULT_LAZY_IMAGE_SIZE}")
+    return DEFAULT_LAZY_IMAGE_SIZE
+
+
+_NOTED: set[str] = set()
+
+
+def _note(message: str) -> None:
+    """Print ``message`` once per process."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"[pcl-ray] {message}", flush=True)
+
+
 def load_imagefolder(cfg: Any, split: str) -> IndexedImages:
     """``root/<split>/<class>/<image>`` decoded lazily to RGB ``image_size×image_size``."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -274,8 +309,8 @@ def load_imagefolder(cfg: Any, split: str) -> IndexedImages:
     except (FileNotFoundError, OSError) as exc:  # no class folders, or class folders without images
         raise DataError(f"data.root: imagefolder split {split_dir} holds no images in <class>/ folders "
                         f"({reason(exc)})") from None
-    size = int(_opt(cfg, "image_size", DEFAULT_LAZY_IMAGE_SIZE))
     paths = [path for path, _ in samples]
+    size = _opt(cfg, "image_size") or native_size(paths, split_dir)
     labels = np.array([label for _, label in samples], dtype=np.int64)
     return IndexedImages(
         decoder=FileDecoder(paths, size, channels=3, skip_bad=_skip_bad(cfg)),
@@ -415,9 +450,12 @@ def load_parquet(cfg: Any, split: str) -> IndexedImages:
         return IndexedImages(
             tensor=tensor, labels=label_arr, num_classes=num_classes, mean=mean, std=std, name="parquet", split=split
         )
-    size = int(_opt(cfg, "image_size", DEFAULT_LAZY_IMAGE_SIZE))
+    size = _opt(cfg, "image_size")
+    if size is None:
+        size = DEFAULT_LAZY_IMAGE_SIZE
+        _note(f"data.image_size unset and the images of {root} differ in size: training at {size}x{size}")
     return IndexedImages(
-        decoder=BytesDecoder(blobs, size, channels, skip_bad=_skip_bad(cfg), origins=origins),
+        decoder=BytesDecoder(blobs, int(size), channels, skip_bad=_skip_bad(cfg), origins=origins),
         labels=label_arr,
         num_classes=num_classes,
         mean=(0.5,) * channels,
@@ -467,4 +505,7 @@ def load_split(cfg: Any, split: str) -> IndexedImages:
     ds = ds.take(_opt(cfg, "subset") if split == "train" else _opt(cfg, "test_subset"))
     if ds.decoder is not None:
         check_decodes(ds)
-    return ds.resized(_opt(cfg, "image_size"))
+    ds = ds.resized(_opt(cfg, "image_size"))
+    if split == "train":
+        _note(f"data: {name} trains at {ds.image_size}x{ds.image_size}, {ds.channels} channel(s)")
+    return ds

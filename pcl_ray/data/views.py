@@ -9,7 +9,8 @@ Recipes (MoCo / PCL, README "Methods"):
 
 ``pcl_v1``
     random resized crop (scale ``[crop_min_scale, 1]``, ratio 3/4–4/3), grayscale p 0.2,
-    colour jitter 0.4 (brightness, contrast, saturation; no hue) p 1, horizontal flip p 0.5.
+    colour jitter 0.4 (brightness, contrast, saturation, hue; MoCo v1's ``ColorJitter(0.4, 0.4, 0.4, 0.4)``)
+    p 1, horizontal flip p 0.5.
 ``pcl_v2`` ("aug-plus")
     random resized crop, colour jitter 0.4/0.4/0.4/0.1 (brightness, contrast, saturation,
     hue) p 0.8, grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2] p 0.5, horizontal flip p 0.5.
@@ -22,6 +23,10 @@ Differences from the torchvision/PIL pipeline, all deliberate:
 * jitter operations run in one random order per call (torchvision: per image);
 * on 1-channel images grayscale, saturation and hue are no-ops;
 * the blur kernel is ``max(3, ~10 % of image_size)`` taps, odd, reflect padding.
+
+Lazily decoded sources of mixed-size images crop per image on the full decoded image instead
+(:mod:`pcl_ray.data.crops`, in the loader's worker processes); their makers take
+``crop_on_device=False`` and do only the colour, grayscale and blur steps here.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "pcl_v1": Recipe(hue=0.0, jitter_p=1.0, grayscale_p=0.2, blur_p=0.0, grayscale_first=True),
+    "pcl_v1": Recipe(hue=0.4, jitter_p=1.0, grayscale_p=0.2, blur_p=0.0, grayscale_first=True),
     "pcl_v2": Recipe(hue=0.1, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, grayscale_first=False),
 }
 
@@ -141,6 +146,8 @@ class ViewMaker:
         channels: 1 or 3, the channel count of the batches.
         mean, std: per-channel normalisation constants in [0, 1] units.
         crop_min_scale, crop_max_scale: area fraction range of the random resized crop.
+        crop_on_device: False when the batch already holds random-resized, flipped crops of
+            ``image_size`` (:class:`pcl_ray.data.crops.CroppedViews`): the crop and flip are skipped.
 
     Calling the maker on a ``B×C×H×W`` uint8 batch (floating input is taken as [0, 1])
     returns one random normalised float32 view ``B×C×image_size×image_size`` on the same
@@ -157,6 +164,7 @@ class ViewMaker:
         std: Sequence[float],
         crop_min_scale: float = 0.2,
         crop_max_scale: float = 1.0,
+        crop_on_device: bool = True,
     ) -> None:
         if isinstance(recipe, Recipe):
             self.recipe_name, self.recipe = "custom", recipe
@@ -177,6 +185,7 @@ class ViewMaker:
         self.crop_scale = (float(crop_min_scale), float(crop_max_scale))
         self.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
         self.blur_kernel_size = blur_kernel_size(self.image_size)
+        self.crop_on_device = bool(crop_on_device)
         self._norm_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
@@ -333,7 +342,11 @@ class ViewMaker:
         return _gaussian_blur(x, sigma, self.blur_kernel_size)
 
     def _view(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        x = self._crop_flip(x, generator)
+        if self.crop_on_device:
+            x = self._crop_flip(x, generator)
+        elif x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"crop_on_device=False needs {self.image_size}×{self.image_size} crops, got "
+                             f"{tuple(x.shape[-2:])}")
         if self.recipe.grayscale_first:
             x = self._grayscale(x, generator)
             x = self._jitter(x, generator)

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from ..estep import run_estep
-from ..estep.diagnostics import with_label_agreement
+from ..estep.diagnostics import label_agreement
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ class ClusterActor:
         self.num_samples = int(num_samples)
         self.dim = int(dim)
         self.estep_kwargs = dict(estep_kwargs)
+        #: estep.warm_start: each epoch's k-means starts from the last published epoch's centroids
+        self.warm_start = bool(self.estep_kwargs.pop("warm_start", False))
+        if not self.warm_start:
+            self.estep_kwargs.pop("warm_niter", None)
         self.keep_epochs = keep_epochs
         # labels only feed the health metric estep/k*/ami_labels; the E-step never sees them
         self.labels = None if labels is None else np.asarray(labels).copy()
@@ -42,6 +46,11 @@ class ClusterActor:
         self._published: dict[int, ray.ObjectRef] = {}
         self._errors: dict[int, str] = {}
         self._running: set[int] = set()
+        # health metrics (label AMI) per epoch, computed after the epoch's prototypes are published
+        self._health: dict[int, dict[str, float]] = {}
+        self._health_done: dict[int, asyncio.Event] = {}
+        self._last_published_at: float | None = None  # monotonic time of the last publish (M-step gap)
+        self._first_shard_at: dict[int, float] = {}
         # A restarted actor cannot know whether some ranks fetched its first epoch from the incarnation
         # before: its pending replies for that epoch say so (``after_restart``), and the ranks then wait
         # only a grace period for shards that may never come again (pcl_ray/distributed/handoff.py).
@@ -65,6 +74,8 @@ class ClusterActor:
             raise ValueError(f"shard of rank {rank}: indices outside [0, {self.num_samples})")
         if self._first_epoch is None:
             self._first_epoch = epoch
+        if epoch not in self._covered:
+            self._first_shard_at.setdefault(epoch, time.monotonic())
         covered = self._covered.setdefault(epoch, np.zeros(self.num_samples, dtype=bool))
         self._ranks.setdefault(epoch, set()).add(rank)
         self.store[indices] = embeddings
@@ -95,6 +106,20 @@ class ClusterActor:
         if epoch in self._errors:
             return {"status": "error", "message": self._errors[epoch]}
         return {"status": "ready", "ref": [self._published[epoch]]}  # wrapped: the caller gets the ref itself
+
+    async def health(self, epoch: int, timeout_s: float = 60.0) -> dict[str, float]:
+        """Epoch ``epoch``'s health metrics (``estep/k*/ami_labels``), computed after its prototypes were
+        published: a worker asks at the end of the epoch's M-step and logs them with the epoch's metrics.
+        ``{}`` when there are none (no labels, an unknown epoch) or they are not ready within ``timeout_s``."""
+        done = self._health_done.get(epoch)
+        if done is None:
+            return {}
+        try:
+            await asyncio.wait_for(done.wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("health metrics of epoch %d not ready after %.0fs", epoch + 1, timeout_s)
+            return {}
+        return dict(self._health.get(epoch, {}))
 
     async def latest(self) -> list[ray.ObjectRef] | None:
         """The newest published PrototypeSet (wrapped ref), or None."""
@@ -140,25 +165,71 @@ class ClusterActor:
             self._ready[epoch] = asyncio.Event()
         return self._ready[epoch]
 
+    async def _warm_centroids(self, epoch: int):
+        """The previous epoch's centroids (one (k, d) array per granularity) for a warm start, else None: the
+        first E-step, and the first after the actor was restarted, start cold."""
+        if not self.warm_start or (epoch - 1) not in self._published:
+            return None
+        prev = await self._published[epoch - 1]
+        return [g.centroids for g in prev.granularities]
+
     async def _run(self, epoch: int) -> None:
         features = self.store.copy()
         t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        pset = None
+        if self.labels is not None:  # before publishing: a worker asking health() right away waits for it
+            self._health_done[epoch] = asyncio.Event()
         try:
-            pset = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: with_label_agreement(run_estep(features, epoch=epoch, **self.estep_kwargs), self.labels)
-            )
+            init = await self._warm_centroids(epoch)
+            pset = await loop.run_in_executor(
+                None, lambda: run_estep(features, epoch=epoch, init_centroids=init, **self.estep_kwargs))
             self._published[epoch] = ray.put(pset)
             log.info("E-step epoch %d done in %.2fs", epoch, time.perf_counter() - t0)
+            self._warn_if_slow(epoch, pset)
         except Exception as exc:  # surfaced to every waiting worker
             self._errors[epoch] = f"E-step of epoch {epoch + 1} failed: {type(exc).__name__}: {exc}"
         finally:
             self._running.discard(epoch)
             self._covered.pop(epoch, None)
-            self._event(epoch).set()
+            self._event(epoch).set()  # the prototypes first: the workers start the M-step now
             for old in sorted(self._published)[: -self.keep_epochs]:
                 del self._published[old]
                 self._ready.pop(old, None)
                 self._ranks.pop(old, None)
+                self._health.pop(old, None)
+                self._health_done.pop(old, None)
+        if pset is not None and self.labels is not None:
+            await self._compute_health(epoch, pset)
+        elif epoch in self._health_done:
+            self._health_done[epoch].set()  # failed E-step: no health metrics, nobody waits
+
+    async def _compute_health(self, epoch: int, pset) -> None:
+        """Label agreement of ``pset``, off the critical path (the prototypes are already published)."""
+        done = self._health_done.setdefault(epoch, asyncio.Event())  # (pruned if the epoch is already old)
+        try:
+            self._health[epoch] = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: label_agreement(pset, self.labels, seed=epoch))
+        except Exception as exc:  # a health metric never fails the run
+            log.warning("health metrics of epoch %d failed: %s: %s", epoch + 1, type(exc).__name__, exc)
+        finally:
+            done.set()
+
+    def _warn_if_slow(self, epoch: int, pset) -> None:
+        """Warn when a faiss-cpu E-step took longer than the M-step epoch before it (the gap between the
+        previous publish and this epoch's first shard)."""
+        now = time.monotonic()
+        first = self._first_shard_at.pop(epoch, None)
+        last, self._last_published_at = self._last_published_at, now
+        if pset.backend != "faiss-cpu" or last is None or first is None:
+            return
+        mstep_s = first - last
+        if pset.seconds > mstep_s > 0:
+            msg = (f"E-step of epoch {epoch + 1} on faiss-cpu took {pset.seconds:.0f}s, longer than the M-step "
+                   f"epoch before it (~{mstep_s:.0f}s): give the cluster actor a GPU (estep.gpu_share, "
+                   f"estep.backend=gpu) or lower estep.niter / estep.nredo")
+            log.warning(msg)
+            print(f"[pcl-ray] warning: {msg}", flush=True)
 
 
 def _was_restarted() -> bool:

@@ -171,3 +171,14 @@ def _describe_pending(reply: dict) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def fetch_health(actor, epoch: int, timeout_s: float = 60.0) -> dict[str, float]:
+    """Epoch ``epoch``'s health metrics from the cluster actor (label AMI, computed after the prototypes were
+    published), to log with the epoch's other metrics; ``{}`` when there are none or the actor does not answer.
+    A health metric never fails or stalls training beyond ``timeout_s``."""
+    try:
+        return dict(ray.get(actor.health.remote(epoch, timeout_s), timeout=timeout_s + 10.0))
+    except Exception as exc:  # an unreachable or restarted actor: the epoch is logged without them
+        log.warning("no health metrics for epoch %d: %s: %s", epoch + 1, type(exc).__name__, exc)
+        return {}

@@ -17,8 +17,12 @@ from ..storage import Storage
 from .cluster_actor import start_cluster_actor
 from .connect import OWN_ADDRESSES, attach_address, check_reachable
 from .loopback import LoopbackTorchConfig, loopback_only
+from .resources import EStepPlan, plan_estep
+from ..estep.cost import predict_cpu_seconds
 from .worker import STATE_FILE, train_loop
 
+#: faiss-cpu E-steps predicted longer than this get a warning at the start of the run
+CPU_ESTEP_WARN_S = 600.0
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
 
 
@@ -79,18 +83,32 @@ def use_gpu(cfg: ExperimentConfig) -> bool:
     return bool(cfg.ray.use_gpu)
 
 
-def actor_gpus(cfg: ExperimentConfig, gpu_workers: bool) -> float:
-    """GPUs for the cluster actor.
+def estep_plan(cfg: ExperimentConfig, gpu_workers: bool) -> EStepPlan:
+    """The run's one E-step placement decision (:func:`pcl_ray.distributed.resources.plan_estep`) on this cluster."""
+    try:
+        import faiss
 
-    ``estep.backend: gpu`` always asks for one (an autoscaling cluster adds the node); ``auto`` takes one
-    only when the cluster already shows a GPU beyond the training workers'; ``cpu`` never does.
-    """
-    if cfg.estep.backend == "cpu":
-        return 0.0
-    if cfg.estep.backend == "gpu":
-        return 1.0
-    spare = ray.cluster_resources().get("GPU", 0) - (cfg.ray.num_workers if gpu_workers else 0)
-    return 1.0 if spare >= 1 else 0.0
+        gpu_build = hasattr(faiss, "StandardGpuResources")
+    except ImportError:  # the actor's import names the missing extra
+        gpu_build = False
+    return plan_estep(cfg.estep.backend, cfg.estep.gpu_share, ray.cluster_resources().get("GPU", 0.0),
+                      cfg.ray.num_workers, gpu_workers, faiss_gpu_build=gpu_build)
+
+
+def actor_gpus(cfg: ExperimentConfig, gpu_workers: bool) -> float:
+    """GPUs for the cluster actor (:func:`estep_plan`)."""
+    return estep_plan(cfg, gpu_workers).actor_gpus
+
+
+def cpu_estep_warning(cfg: ExperimentConfig, num_samples: int, threads: int) -> str | None:
+    """A warning when faiss-cpu is predicted to take long per epoch (cost model of README "Scale benchmark")."""
+    seconds = predict_cpu_seconds(num_samples, cfg.estep.num_clusters, cfg.estep.niter, cfg.estep.nredo,
+                                  cfg.estep.max_points_per_centroid, estep_dim(cfg), threads=threads)
+    if seconds < CPU_ESTEP_WARN_S:
+        return None
+    return (f"faiss-cpu E-step predicted at ~{seconds / 60:.0f} min per epoch ({num_samples} points, "
+            f"k={list(cfg.estep.num_clusters)}, {threads} threads): likely longer than an M-step epoch; give the "
+            f"actor a GPU (estep.gpu_share, estep.backend=gpu) or lower estep.niter/nredo")
 
 
 @dataclass
@@ -102,7 +120,11 @@ class FitOutcome:
 
 
 def estep_kwargs(cfg: ExperimentConfig, gpu: bool) -> dict:
-    """Keyword arguments of :func:`pcl_ray.estep.run_estep` for this config (``gpu``: a GPU is reserved)."""
+    """Keyword arguments of :func:`pcl_ray.estep.run_estep` for this config.
+
+    ``gpu``: the E-step runs on faiss-gpu (decided once, by :func:`estep_plan`); the backend passed is
+    ``"gpu"`` or ``"cpu"``, never ``"auto"``.
+    """
     return {
         "num_clusters": list(cfg.estep.num_clusters),
         "temperature": cfg.method.temperature,
@@ -111,9 +133,24 @@ def estep_kwargs(cfg: ExperimentConfig, gpu: bool) -> dict:
         "seed": cfg.estep.seed,
         "max_points_per_centroid": cfg.estep.max_points_per_centroid,
         "alpha": cfg.estep.alpha,
-        "backend": cfg.estep.backend if gpu else "cpu",
+        "backend": "gpu" if gpu else "cpu",
         "num_threads": cfg.estep.num_threads,
+        "warm_start": cfg.estep.warm_start,  # the actor's own option: it holds the previous centroids
+        "warm_niter": cfg.estep.warm_niter,
+        # what the method asks of its E-step (PCA-whitening, a new k-means seed each epoch): docs/DESIGN.md
+        **_method_class(cfg).estep_options(cfg),
     }
+
+
+def _method_class(cfg: ExperimentConfig):
+    from ..methods import METHODS
+
+    return METHODS[cfg.method.name]
+
+
+def estep_dim(cfg: ExperimentConfig) -> int:
+    """Width of the embeddings the method hands its E-step (the cluster actor's store)."""
+    return _method_class(cfg).estep_dim(cfg)
 
 
 def fit(cfg: ExperimentConfig, run_name: str, storage: Storage, num_samples: int,
@@ -129,9 +166,19 @@ def fit(cfg: ExperimentConfig, run_name: str, storage: Storage, num_samples: int
     gpu = use_gpu(cfg)
     actor = None
     gpus = 0.0
+    worker_resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.needs_estep:
-        gpus = actor_gpus(cfg, gpu)
-        actor = start_cluster_actor(run_name, num_samples, cfg.model.feature_dim, estep_kwargs(cfg, bool(gpus)),
+        plan = estep_plan(cfg, gpu)
+        gpus = plan.actor_gpus
+        if gpu and plan.worker_gpus is not None:
+            worker_resources["GPU"] = plan.worker_gpus
+        print(f"[pcl-ray] E-step on {plan.backend_name} ({gpus:g} GPU for the cluster actor): {plan.reason}",
+              flush=True)
+        if plan.backend == "cpu":
+            warning = cpu_estep_warning(cfg, num_samples, int(cfg.estep.num_threads or os.cpu_count() or 1))
+            if warning:
+                print(f"[pcl-ray] warning: {warning}", flush=True)
+        actor = start_cluster_actor(run_name, num_samples, estep_dim(cfg), estep_kwargs(cfg, plan.backend == "gpu"),
                                     num_cpus=cfg.ray.actor_cpus, num_gpus=gpus, labels=labels)
     trainer = TorchTrainer(
         train_loop,
@@ -146,7 +193,7 @@ def fit(cfg: ExperimentConfig, run_name: str, storage: Storage, num_samples: int
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.scaling_workers,
             use_gpu=gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+            resources_per_worker=worker_resources,
         ),
         run_config=RunConfig(
             name=run_name,

@@ -1,4 +1,9 @@
-"""The Ray Train worker loop: the M-step on each worker, the E-step hand-off to the cluster actor."""
+"""The Ray Train worker loop: the M-step on each worker, the E-step hand-off to the cluster actor.
+
+Read :func:`train_loop` first: set-up, resume, then per epoch E-step hand-off → M-step → report. Everything
+that does not need Ray (the step, the schedule, the epoch's index plan, streamed embeddings, checkpoint
+files) lives in :mod:`pcl_ray.training`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -16,15 +23,33 @@ import torch
 
 from ..config import ExperimentConfig
 from ..data import ViewMaker, iterate_batches, load_split, shard_indices
+from ..estep.prototypes import PrototypeTensors
 from ..methods import build_method
-from ..methods.base import unwrap
+from ..methods.base import Method, unwrap
 from ..models.collectives import broadcast_buffers
-from ..training import EpochPlan, lr_at
+from ..training import (
+    RANK_STATE_GLOB,
+    STATE_FILE,
+    EpochMetrics,
+    EpochPlan,
+    Precision,
+    StreamedEmbeddings,
+    build_view_makers,
+    embed_shard,
+    load_state,
+    lr_at,
+    rank_state_file,
+    build_optimizer,
+    prepare_model,
+    prepare_views,
+    save_state,
+    train_step,
+)
 from .cluster_actor import NAMESPACE, actor_name
 from .fault_injection import injected_kill, kill_if_due  # test-only (tests/test_faults_worker.py)
-from .handoff import fetch_prototypes
+from .handoff import fetch_health, fetch_prototypes
 
-STATE_FILE = "state.pt"
+__all__ = ["STATE_FILE", "say", "train_loop"]
 
 
 def say(message: str) -> None:
@@ -43,72 +68,53 @@ def _quiet_report_log() -> None:
         pass
 
 
-class StreamedEmbeddings:
-    """One rank's M-step embeddings of one epoch, kept for the next epoch's E-step (``estep.features=stream``)."""
+@dataclass
+class Worker:
+    """What one rank trains with, built once by :func:`set_up`."""
 
-    def __init__(self, epoch: int, capacity: int):
-        self.epoch = epoch
-        self.capacity = capacity
-        self.indices = np.empty(capacity, dtype=np.int64)
-        self.embeddings: np.ndarray | None = None
-        self.filled = 0
+    cfg: ExperimentConfig
+    loop_config: dict
+    rank: int
+    world: int
+    device: torch.device
+    ds: Any  #: the training split
+    method: Method
+    online: torch.nn.Module  #: ``method.net``, DDP-wrapped when several workers train
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    view_makers: list[ViewMaker]  #: one per view the method trains on
+    views: ViewMaker  #: the deterministic evaluation transform (E-step, online kNN)
+    local_bs: int
+    steps_per_epoch: int
+    actor: Any = None  #: the cluster actor (methods with an E-step)
+    online_knn: Any = None  #: rank 0, ``eval.online_every``
+    tracker: Any = None  #: rank 0, MLflow
+    kill_at: Any = field(default=None)  #: test-only fault injection; None in every real run
 
-    def add(self, index: torch.Tensor, embedding: torch.Tensor | None, method_name: str) -> None:
-        if embedding is None:
-            raise RuntimeError(f"estep.features=stream: method {method_name!r} sets no stream_embedding")
-        emb = embedding.detach().float().cpu().numpy()
-        if self.embeddings is None:
-            self.embeddings = np.empty((self.capacity, emb.shape[1]), dtype=np.float32)
-        end = self.filled + emb.shape[0]
-        self.indices[self.filled:end] = index.cpu().numpy()
-        self.embeddings[self.filled:end] = emb
-        self.filled = end
-
-    def shard(self) -> tuple[np.ndarray, np.ndarray]:
-        assert self.embeddings is not None
-        return self.indices[: self.filled], self.embeddings[: self.filled]
-
-
-@torch.no_grad()
-def embed_shard(method, ds, views: ViewMaker, indices: np.ndarray, batch_size: int, device,
-                loader_workers: int = 0) -> np.ndarray:
-    """The method's E-step embeddings (eval mode, deterministic transform) of ``indices``, in that order."""
-    module = method.estep_module()
-    was_training = module.training
-    module.eval()
-    out = []
-    for images, _ in iterate_batches(ds, indices, batch_size, shuffle=False, seed=0, drop_last=False,
-                                     loader_workers=loader_workers):
-        out.append(method.embed_for_estep(views.eval(images.to(device))).float().cpu())
-    module.train(was_training)
-    return torch.cat(out).numpy()
-
-
-def build_view_makers(method, cfg: ExperimentConfig, ds) -> tuple[list[ViewMaker], ViewMaker]:
-    """One ViewMaker per view the method asks for, plus the deterministic evaluation transform."""
-    size = ds.image_size
-
-    def make(spec_size: int, lo: float, hi: float) -> ViewMaker:
-        return ViewMaker(cfg.data.views.recipe, spec_size, ds.channels, ds.mean, ds.std,
-                         crop_min_scale=lo, crop_max_scale=hi)
-
-    makers = [make(v.size, v.min_scale, v.max_scale) for v in method.view_specs(size)]
-    return makers, make(size, cfg.data.views.crop_min_scale, 1.0)
-
-
-def rank_state_file(rank: int, world: int) -> str:
-    return f"rank_{rank}_of_{world}.pt"
-
-
-def _save_state(path: Path, method, optimizer, epoch: int, step: int, extra: dict) -> None:
-    torch.save(
-        {"method": unwrap(method).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-         "global_step": step, **extra},
-        path,
-    )
+    @property
+    def n(self) -> int:
+        return len(self.ds)
 
 
 def train_loop(loop_config: dict) -> None:
+    """Ray Train's per-worker function: set-up, resume, then E-step → M-step → report once per epoch."""
+    w = set_up(loop_config)
+    start_epoch, global_step = resume(w)
+    streamed: StreamedEmbeddings | None = None  # the previous epoch's M-step embeddings (estep.features=stream)
+    for epoch in range(start_epoch, w.cfg.train.epochs):
+        metrics: dict[str, float] = {"epoch": epoch + 1}
+        prototypes = None
+        if w.method.needs_estep and epoch >= w.cfg.train.warmup_epochs:
+            prototypes = estep_handoff(w, epoch, streamed, metrics)
+        global_step, streamed = mstep(w, epoch, prototypes, global_step, metrics)
+        if prototypes is not None and w.rank == 0:  # label agreement, computed by the actor during the M-step
+            metrics.update(fetch_health(w.actor, epoch))
+        report(w, epoch, global_step, metrics)
+
+
+# ---- set-up and resume ----------------------------------------------------------------------------------
+def set_up(loop_config: dict) -> Worker:
+    """Data, method, DDP wrapper, optimizer, precision, views; the actor, online kNN and tracker handles."""
     cfg = ExperimentConfig.model_validate(loop_config["cfg"])
     _quiet_report_log()
     ctx = ray.train.get_context()
@@ -118,158 +124,172 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
 
     ds = load_split(cfg.data, "train")
-    n = len(ds)
     method = build_method(cfg, ds.channels, generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
+    prepare_model(method, cfg, device)  # train.channels_last / train.compile
     view_makers, views = build_view_makers(method, cfg, ds)
     online = ray.train.torch.prepare_model(method.net)
-    optimizer = torch.optim.SGD([p for p in unwrap(online).parameters() if p.requires_grad], lr=cfg.train.lr,
-                                momentum=cfg.train.sgd_momentum, weight_decay=cfg.train.weight_decay)
-
-    start_epoch, global_step = 0, 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and loop_config.get("init_checkpoint"):  # PBT: start from the cloned trial's state
-        ckpt = ray.train.Checkpoint(loop_config["init_checkpoint"])
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
-            own_file = Path(d) / rank_state_file(rank, world)
-            if own_file.is_file():  # same world size: this rank's own state (e.g. SwAV's queue) continues
-                method.load_rank_state(torch.load(own_file, map_location=device, weights_only=True))
-            elif rank == 0 and any(Path(d).glob("rank_*_of_*.pt")):
-                say(f"resumed on {world} workers from a checkpoint of another world size: per-rank state "
-                    "(e.g. SwAV's queue) starts empty")
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, global_step = int(state["epoch"]) + 1, int(state["global_step"])
-        if rank == 0:
-            say(f"resumed from checkpoint after epoch {state['epoch'] + 1}")
+    optimizer = build_optimizer(cfg, unwrap(online).parameters())
+    precision = Precision.for_device(cfg.train.precision, device)
 
     # The epoch's global batches depend on (seed, epoch) only; this rank takes its columns of each.
-    plan = EpochPlan(n, cfg.train.batch_size, cfg.train.seed, 0)  # sizes only: the same every epoch
-    local_bs, steps_per_epoch = plan.local_batch(world), plan.steps
+    plan = EpochPlan(len(ds), cfg.train.batch_size, cfg.train.seed, 0)  # sizes only: the same every epoch
+    w = Worker(cfg, loop_config, rank, world, device, ds, method, online, optimizer, precision, view_makers,
+               views, plan.local_batch(world), plan.steps, kill_at=injected_kill())
     if rank == 0 and world != cfg.ray.num_workers:
         say(f"training on {world} of up to {cfg.ray.num_workers} workers (elastic): same global batches, "
-            f"{local_bs} images per worker")
-    actor = ray.get_actor(actor_name(loop_config["run_name"]), namespace=NAMESPACE) if method.needs_estep else None
-    online_knn = None
+            f"{w.local_bs} images per worker")
+    if method.needs_estep:
+        w.actor = ray.get_actor(actor_name(loop_config["run_name"]), namespace=NAMESPACE)
     if rank == 0 and cfg.eval.online_every:
         from ..evaluation.online import OnlineKNN
 
-        online_knn = OnlineKNN(ds, cfg.eval.online_bank, cfg.eval.online_queries, cfg.eval.knn_k,
-                               cfg.eval.knn_temperature, seed=cfg.train.seed)
-    tracker = None
+        w.online_knn = OnlineKNN(ds, cfg.eval.online_bank, cfg.eval.online_queries, cfg.eval.knn_k,
+                                 cfg.eval.knn_temperature, seed=cfg.train.seed)
     if rank == 0 and loop_config.get("mlflow"):
         from ..tracking import RunLogger
 
-        tracker = RunLogger(**loop_config["mlflow"])
+        w.tracker = RunLogger(**loop_config["mlflow"])
+    return w
 
-    streamed: StreamedEmbeddings | None = None  # the previous epoch's M-step embeddings (estep.features=stream)
-    kill_at = injected_kill()  # test-only fault injection; None in every real run
-    for epoch in range(start_epoch, cfg.train.epochs):
-        metrics: dict[str, float] = {"epoch": epoch + 1}
-        prototypes = None
-        if method.needs_estep and epoch >= cfg.train.warmup_epochs:
-            t0 = time.perf_counter()
-            embed_bs = max(256, local_bs)
-            if streamed is not None and streamed.epoch == epoch - 1:
-                # last epoch's embeddings, plus a fresh pass over the few images no rank trained on
-                rest = EpochPlan(n, cfg.train.batch_size, cfg.train.seed, epoch - 1).untrained()[rank::world]
-                seen_idx, seen_emb = streamed.shard()
-                extra = embed_shard(method, ds, views, rest, embed_bs, device) if rest.size else seen_emb[:0]
-                own, emb = np.concatenate([seen_idx, rest]), np.concatenate([seen_emb, extra])
-                source = "the M-step's embeddings of the last epoch"
-            else:  # the paper's mode; also the first E-step after a resume in stream mode
-                own = shard_indices(n, rank, world)
-                emb = embed_shard(method, ds, views, own, embed_bs, device, cfg.data.views.loader_workers)
-                source = "an eval pass"
-            metrics["estep/from_stream"] = float(streamed is not None and streamed.epoch == epoch - 1)
-            streamed = None
-            idx_ref, emb_ref = ray.put(own), ray.put(emb)
-            pset = fetch_prototypes(actor, epoch, rank,
-                                    lambda: actor.submit_shard.remote(epoch, rank, idx_ref, emb_ref),
-                                    timeout_s=cfg.estep.handoff_timeout_s, grace_s=cfg.estep.handoff_grace_s,
-                                    device=device)
-            prototypes = pset.to_torch(device)
-            method.on_prototypes(prototypes)
-            metrics.update(pset.stats())
-            metrics["time/estep_total_s"] = time.perf_counter() - t0
-            if rank == 0:
-                ks = ",".join(str(g.num_clusters) for g in pset.granularities)
-                say(f"epoch {epoch + 1}: E-step k=[{ks}] on {source}, {pset.backend} "
-                    f"k-means {pset.seconds:.2f}s, total {metrics['time/estep_total_s']:.2f}s")
 
-        online.train()
-        # Every random draw of the epoch comes from seeds of (seed, epoch[, rank]), never from the history of
-        # earlier epochs: a run resumed at an epoch boundary draws what an uninterrupted run draws. The global
-        # generator (shuffle-BN's permutation, dropout) is the same on every rank.
-        torch.manual_seed(cfg.train.seed * 1_000_003 + epoch * 7919 + 1)
-        gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
-        sums: dict[str, float] = {}
-        seen = 0
-        t_epoch = time.perf_counter()
-        order = EpochPlan(n, cfg.train.batch_size, cfg.train.seed, epoch).rank_indices(rank, world)
-        collect = (method.needs_estep and cfg.estep.features == "stream"
-                   and cfg.train.warmup_epochs <= epoch + 1 < cfg.train.epochs)
-        collecting = StreamedEmbeddings(epoch, steps_per_epoch * local_bs) if collect else None
-        batches = iterate_batches(ds, order, local_bs, shuffle=False, seed=0, drop_last=True,
-                                  loader_workers=cfg.data.views.loader_workers)
-        for step, (images, index) in enumerate(batches):
-            if kill_at is not None:  # test-only: tests/test_faults_worker.py kills this worker here
-                kill_if_due(kill_at, epoch, step, rank)
-            lr = lr_at(cfg, epoch, step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = images.to(device, non_blocking=True)
-            batch_views = [make(images, generator=gen) for make in view_makers]
-            loss, parts = method.training_loss(online, batch_views, index.to(device), prototypes, generator=gen,
-                                               epoch=epoch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {step}: {parts}")
-            if collecting is not None:
-                collecting.add(index, method.stream_embedding, method.name)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.before_optimizer_step(epoch, global_step)
-            optimizer.step()
-            method.after_step()
-            global_step += 1
-            seen += images.shape[0]
-            parts["loss/total"] = float(loss.detach())
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value
-            if rank == 0 and (step + 1) % cfg.train.log_every == 0:
-                rate = seen * world / (time.perf_counter() - t_epoch)
-                say(f"epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{steps_per_epoch} "
-                      f"loss {parts['loss/total']:.3f} lr {lr:.4f} {rate:.0f} img/s")
-        elapsed = time.perf_counter() - t_epoch
-        streamed = collecting
-        metrics.update({k: v / max(1, step + 1) for k, v in sums.items()})
-        metrics["lr"] = lr
-        metrics["throughput/img_per_s"] = seen * world / elapsed
-        metrics["time/epoch_s"] = elapsed
+def resume(w: Worker) -> tuple[int, int]:
+    """Load this run's latest checkpoint (or PBT's cloned trial's); return (first epoch, global step)."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and w.loop_config.get("init_checkpoint"):  # PBT: start from the cloned trial's state
+        ckpt = ray.train.Checkpoint(w.loop_config["init_checkpoint"])
+    if ckpt is None:
+        return 0, 0
+    with ckpt.as_directory() as d:
+        state = load_state(Path(d), w.device)
+        own_file = Path(d) / rank_state_file(w.rank, w.world)
+        if own_file.is_file():  # same world size: this rank's own state (e.g. SwAV's queue) continues
+            w.method.load_rank_state(torch.load(own_file, map_location=w.device, weights_only=True))
+        elif w.rank == 0 and any(Path(d).glob(RANK_STATE_GLOB)):
+            say(f"resumed on {w.world} workers from a checkpoint of another world size: per-rank state "
+                "(e.g. SwAV's queue) starts empty")
+    w.method.load_state_dict(state["method"])
+    w.optimizer.load_state_dict(state["optimizer"])
+    w.precision.load_state_dict(state.get("grad_scaler", {}))
+    if w.rank == 0:
+        say(f"resumed from checkpoint after epoch {state['epoch'] + 1}")
+        if w.cfg.estep.warm_start and w.method.needs_estep:
+            say("estep.warm_start: when the cluster actor was restarted too (a driver resume), the first E-step "
+                "starts k-means cold, so the run is not bit-exact with an uninterrupted one")
+    return int(state["epoch"]) + 1, int(state["global_step"])
 
-        broadcast_buffers(method)  # every rank holds rank 0's buffers: the checkpoint is every rank's state
 
-        if online_knn is not None and (epoch + 1) % cfg.eval.online_every == 0:
-            acc = online_knn(method.encoder, views, device)
-            if acc is not None:
-                metrics["online/knn_acc"] = acc
+# ---- E-step hand-off ------------------------------------------------------------------------------------
+def estep_handoff(w: Worker, epoch: int, streamed: StreamedEmbeddings | None,
+                  metrics: dict[str, float]) -> list[PrototypeTensors]:
+    """Embed this rank's shard (or reuse last epoch's M-step embeddings), send it to the cluster actor and
+    wait for the epoch's prototypes; the E-step's stats go to ``metrics``."""
+    t0 = time.perf_counter()
+    embed_bs = max(256, w.local_bs)
+    from_stream = streamed is not None and streamed.epoch == epoch - 1
+    if from_stream:
+        # last epoch's embeddings, plus a fresh pass over the few images no rank trained on
+        rest = EpochPlan(w.n, w.cfg.train.batch_size, w.cfg.train.seed, epoch - 1).untrained()[w.rank::w.world]
+        seen_idx, seen_emb = streamed.shard()
+        extra = embed_shard(w.method, w.ds, w.views, rest, embed_bs, w.device) if rest.size else seen_emb[:0]
+        own, emb = np.concatenate([seen_idx, rest]), np.concatenate([seen_emb, extra])
+        source = "the M-step's embeddings of the last epoch"
+    else:  # the paper's mode; also the first E-step after a resume in stream mode
+        own = shard_indices(w.n, w.rank, w.world)
+        emb = embed_shard(w.method, w.ds, w.views, own, embed_bs, w.device, w.cfg.data.views.loader_workers)
+        source = "an eval pass"
+    metrics["estep/from_stream"] = float(from_stream)
+    idx_ref, emb_ref = ray.put(own), ray.put(emb)
+    actor, rank = w.actor, w.rank
+    pset = fetch_prototypes(actor, epoch, rank, lambda: actor.submit_shard.remote(epoch, rank, idx_ref, emb_ref),
+                            timeout_s=w.cfg.estep.handoff_timeout_s, grace_s=w.cfg.estep.handoff_grace_s,
+                            device=w.device)
+    prototypes = pset.to_torch(w.device)
+    w.method.on_prototypes(prototypes)
+    metrics.update(pset.stats())
+    metrics["time/estep_total_s"] = time.perf_counter() - t0
+    if w.rank == 0:
+        ks = ",".join(str(g.num_clusters) for g in pset.granularities)
+        say(f"epoch {epoch + 1}: E-step k=[{ks}] on {source}, {pset.backend} "
+            f"k-means {pset.seconds:.2f}s, total {metrics['time/estep_total_s']:.2f}s")
+    return prototypes
 
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            own = method.rank_state()  # per-rank state (SwAV's queue): each rank adds its file to the checkpoint
-            if own:
-                torch.save(own, Path(tmp) / rank_state_file(rank, world))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            if rank == 0:
-                _save_state(Path(tmp) / STATE_FILE, method, optimizer, epoch, global_step,
-                            {"config": loop_config["cfg"]})
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                summary = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in
-                                   ("loss/total", "acc/instance", "acc/proto", "online/knn_acc")
-                                   if k in metrics)
-                say(f"epoch {epoch + 1}/{cfg.train.epochs} done in {elapsed:.1f}s: {summary} "
-                      f"({metrics['throughput/img_per_s']:.0f} img/s)")
-                if tracker is not None:
-                    tracker.log_metrics(metrics, step=epoch + 1, final=epoch + 1 == cfg.train.epochs)
-            ray.train.report(metrics, checkpoint=checkpoint)
+
+# ---- M-step ---------------------------------------------------------------------------------------------
+def mstep(w: Worker, epoch: int, prototypes: list[PrototypeTensors] | None, global_step: int,
+          metrics: dict[str, float]) -> tuple[int, StreamedEmbeddings | None]:
+    """One epoch of :func:`~pcl_ray.training.train_step` over this rank's columns of the epoch's batches.
+
+    Returns the global step after the epoch and, in stream mode, this epoch's embeddings for the next
+    E-step. The epoch's averages, lr, throughput and time go to ``metrics``.
+    """
+    cfg = w.cfg
+    w.online.train()
+    # Every random draw of the epoch comes from seeds of (seed, epoch[, rank]), never from the history of
+    # earlier epochs: a run resumed at an epoch boundary draws what an uninterrupted run draws. The global
+    # generator (shuffle-BN's permutation, dropout) is the same on every rank.
+    torch.manual_seed(cfg.train.seed * 1_000_003 + epoch * 7919 + 1)
+    gen = torch.Generator(device=w.device).manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + w.rank)
+    collect = (w.method.needs_estep and cfg.estep.features == "stream"
+               and cfg.train.warmup_epochs <= epoch + 1 < cfg.train.epochs)
+    collecting = StreamedEmbeddings(epoch, w.steps_per_epoch * w.local_bs) if collect else None
+    order = EpochPlan(w.n, cfg.train.batch_size, cfg.train.seed, epoch).rank_indices(w.rank, w.world)
+    batches = iterate_batches(w.ds, order, w.local_bs, shuffle=False, seed=0, drop_last=True,
+                              loader_workers=cfg.data.views.loader_workers)
+    sums = EpochMetrics()  # device-side sums: no host sync per step
+    seen, lr = 0, lr_at(cfg, epoch, 0, w.steps_per_epoch)
+    t_epoch = time.perf_counter()
+    for step, (images, index) in enumerate(batches):
+        if w.kill_at is not None:  # test-only: tests/test_faults_worker.py kills this worker here
+            kill_if_due(w.kill_at, epoch, step, w.rank)
+        lr = lr_at(cfg, epoch, step, w.steps_per_epoch)
+        for group in w.optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(w.device, non_blocking=True)  # BxCxHxW
+        batch_views = prepare_views([make(images, generator=gen) for make in w.view_makers], cfg)
+        result = train_step(w.method, w.online, w.optimizer, batch_views, index.to(w.device), prototypes,
+                            generator=gen, epoch=epoch, global_step=global_step, precision=w.precision)
+        if collecting is not None:
+            collecting.add(index, result.stream_embedding, w.method.name)
+        global_step += 1
+        seen += images.shape[0]
+        sums.add({**result.metrics, "loss/total": result.loss.detach()})
+        if w.rank == 0 and (step + 1) % cfg.train.log_every == 0:
+            rate = seen * w.world / (time.perf_counter() - t_epoch)
+            say(f"epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{w.steps_per_epoch} "
+                f"loss {sums.last('loss/total'):.3f} lr {lr:.4f} {rate:.0f} img/s")
+    elapsed = time.perf_counter() - t_epoch
+    metrics.update(sums.means())
+    metrics["lr"] = lr
+    metrics["throughput/img_per_s"] = seen * w.world / elapsed
+    metrics["time/epoch_s"] = elapsed
+    return global_step, collecting
+
+
+# ---- report and checkpoint ------------------------------------------------------------------------------
+def report(w: Worker, epoch: int, global_step: int, metrics: dict[str, float]) -> None:
+    """Sync buffers, run the online kNN, write the checkpoint (rank 0's state + per-rank files), log the
+    epoch line and MLflow metrics, and hand both to ``ray.train.report``."""
+    cfg = w.cfg
+    broadcast_buffers(w.method)  # every rank holds rank 0's buffers: the checkpoint is every rank's state
+    if w.online_knn is not None and (epoch + 1) % cfg.eval.online_every == 0:
+        acc = w.online_knn(w.method.encoder, w.views, w.device)
+        if acc is not None:
+            metrics["online/knn_acc"] = acc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        own = w.method.rank_state()  # per-rank state (SwAV's queue): each rank adds its file to the checkpoint
+        if own:
+            torch.save(own, Path(tmp) / rank_state_file(w.rank, w.world))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        if w.rank == 0:
+            save_state(Path(tmp) / STATE_FILE, w.method, w.optimizer, epoch, global_step,
+                       scaler=w.precision.state_dict(), extra={"config": w.loop_config["cfg"]})
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            summary = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in
+                               ("loss/total", "acc/instance", "acc/proto", "online/knn_acc") if k in metrics)
+            say(f"epoch {epoch + 1}/{cfg.train.epochs} done in {metrics['time/epoch_s']:.1f}s: {summary} "
+                f"({metrics['throughput/img_per_s']:.0f} img/s)")
+            if w.tracker is not None:
+                w.tracker.log_metrics(metrics, step=epoch + 1, final=epoch + 1 == cfg.train.epochs)
+        ray.train.report(metrics, checkpoint=checkpoint)

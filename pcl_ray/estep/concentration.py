@@ -1,4 +1,4 @@
-"""Per-prototype concentration φ (README "How it works"; the PCL reference's ``density``)."""
+"""Per-prototype concentration φ (docs/DESIGN.md, "E-step"; the PCL reference's ``density``)."""
 
 from __future__ import annotations
 

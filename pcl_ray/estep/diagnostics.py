@@ -10,18 +10,37 @@ from sklearn.metrics import adjusted_mutual_info_score
 from .prototypes import PrototypeSet
 
 
-def with_label_agreement(pset: PrototypeSet, labels: np.ndarray | None) -> PrototypeSet:
-    """A copy of ``pset`` whose diagnostics hold ``estep/k{k}/ami_labels`` per granularity.
+#: label agreement is measured on at most this many points (a seeded sample): its cost grows with classes × N
+AMI_SAMPLE = 100_000
 
-    Samples with a negative label (unknown) are left out; without any label, ``pset`` is returned as is.
+
+def label_agreement(pset: PrototypeSet, labels: np.ndarray | None, *, max_points: int = AMI_SAMPLE,
+                    seed: int = 0) -> dict[str, float]:
+    """``estep/k{k}/ami_labels`` per granularity: AMI of the assignments against ``labels``.
+
+    Samples with a negative label (unknown) are left out; above ``max_points`` labelled samples, a sample of
+    ``max_points`` of them drawn with ``seed`` (the cluster actor passes the epoch) is used, and
+    ``estep/ami_sample`` says how many. ``{}`` without any label.
     """
     if labels is None:
-        return pset
+        return {}
     labels = np.asarray(labels)
-    known = labels >= 0
-    if not known.any():
-        return pset
-    diag = dict(pset.diagnostics)
+    known = np.flatnonzero(labels >= 0)
+    if not known.size:
+        return {}
+    if known.size > max_points:
+        known = np.sort(np.random.default_rng(seed).choice(known, size=max_points, replace=False))
+    out = {"estep/ami_sample": float(known.size)}
     for i, g in enumerate(pset.granularities):
-        diag[f"{pset.metric_prefix(i)}/ami_labels"] = float(adjusted_mutual_info_score(labels[known], g.assignments[known]))
-    return dataclasses.replace(pset, diagnostics=diag)
+        out[f"{pset.metric_prefix(i)}/ami_labels"] = float(adjusted_mutual_info_score(labels[known],
+                                                                                     g.assignments[known]))
+    return out
+
+
+def with_label_agreement(pset: PrototypeSet, labels: np.ndarray | None, *, max_points: int = AMI_SAMPLE,
+                         seed: int = 0) -> PrototypeSet:
+    """A copy of ``pset`` whose diagnostics also hold :func:`label_agreement` (``pset`` itself without labels)."""
+    metrics = label_agreement(pset, labels, max_points=max_points, seed=seed)
+    if not metrics:
+        return pset
+    return dataclasses.replace(pset, diagnostics={**pset.diagnostics, **metrics})

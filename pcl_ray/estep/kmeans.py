@@ -83,11 +83,15 @@ def kmeans(
     backend: Backend = "auto",
     num_threads: int | None = None,
     gpu_device: int = 0,
+    init_centroids: np.ndarray | None = None,
 ) -> KMeansResult:
     """Run faiss k-means on ``features`` (N, d) and assign every row to its nearest centroid.
 
     ``num_threads`` (default ``os.cpu_count()``) sets faiss' OpenMP threads for
     this call. ``gpu_device`` is the CUDA ordinal used by the GPU backend.
+    ``init_centroids`` (k, d): a warm start, e.g. the previous epoch's centroids. Faiss then starts every
+    restart from them instead of from ``k`` random points, so a warm run uses one restart (``nredo`` is
+    ignored: the restarts would all be the same run).
     """
     x = np.ascontiguousarray(features, dtype=np.float32)
     if x.ndim != 2:
@@ -102,6 +106,13 @@ def kmeans(
             f"{max_points_per_centroid}"
         )
     use_gpu = resolve_backend(backend) == "faiss-gpu"
+    if init_centroids is not None:
+        init = np.ascontiguousarray(init_centroids, dtype=np.float32)
+        if init.shape != (k, d):
+            raise ValueError(f"init_centroids must have shape (k, d) = ({k}, {d}), got {init.shape}")
+        if not np.isfinite(init).all():
+            raise ValueError("init_centroids contain NaN or infinite values")
+        nredo = 1
 
     faiss.omp_set_num_threads(int(num_threads or os.cpu_count() or 1))
 
@@ -113,6 +124,8 @@ def kmeans(
     clus.spherical = bool(spherical)
     clus.max_points_per_centroid = int(max_points_per_centroid)
     clus.min_points_per_centroid = 1  # only silences faiss' "too few points" warning
+    if init_centroids is not None:  # faiss uses centroids already present as the initialization
+        faiss.copy_array_to_vector(init.ravel(), clus.centroids)
 
     if use_gpu:
         res = faiss.StandardGpuResources()

@@ -8,18 +8,37 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..normalize import l2_normalize
+
 from pcl_ray.estep.concentration import compute_concentration
 from pcl_ray.estep.kmeans import Backend, kmeans, resolve_backend
 from pcl_ray.estep.prototypes import Granularity, PrototypeSet
 
-__all__ = ["run_estep"]
+__all__ = ["epoch_seed", "pca_whiten", "run_estep"]
 
 _EPS = 1e-12
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, _EPS)).astype(np.float32, copy=False)
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A k-means seed of ``(seed, epoch)``: different every epoch, the same on a resumed run (< 2**31)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def pca_whiten(x: np.ndarray, dim: int, eps: float = 1e-5) -> np.ndarray:
+    """``x`` (N, d) centred and projected on its top ``min(d, dim)`` principal axes, each scaled to unit variance.
+
+    DeepCluster's preprocessing (faiss ``PCAMatrix`` with eigen power -0.5). A direction of (near) zero variance,
+    e.g. a ReLU unit that never fires at initialization, is scaled by ``1/sqrt(λ + eps·λ_max)`` instead of
+    ``1/sqrt(λ)``, so it stays finite rather than blowing up to inf.
+    """
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise ValueError(f"pca_dim must be an int >= 1, got {dim!r}")
+    d_out = min(x.shape[1], int(dim))
+    xc = x.astype(np.float64) - x.mean(axis=0, dtype=np.float64)  # (N, d)
+    eigval, eigvec = np.linalg.eigh(xc.T @ xc / x.shape[0])  # ascending: (d,), (d, d)
+    eigval, eigvec = eigval[::-1][:d_out].clip(min=0.0), eigvec[:, ::-1][:, :d_out]  # top d_out
+    scale = 1.0 / np.sqrt(eigval + eps * max(float(eigval[0]), _EPS))  # (d_out,)
+    return np.ascontiguousarray(xc @ (eigvec * scale), dtype=np.float32)  # (N, d_out)
 
 
 def _as_features(features) -> np.ndarray:
@@ -62,13 +81,24 @@ def run_estep(
     alpha: float = 10.0,
     backend: Backend = "auto",
     num_threads: int | None = None,
+    pca_dim: int | None = None,
+    reseed: bool = False,
+    init_centroids: Sequence[np.ndarray] | None = None,
+    warm_niter: int | None = None,
 ) -> PrototypeSet:
     """Cluster ``features`` (N, d), row i = dataset index i, at every granularity in ``num_clusters``.
 
-    Granularity ``i`` runs k-means with seed ``seed + i``. Returns the
+    Granularity ``i`` runs k-means with seed ``seed + i`` (PCL's reference: the same seeds every epoch), or,
+    with ``reseed``, with ``epoch_seed(seed, epoch) + i`` (DeepCluster-v2 and SPCL draw a new one each epoch).
+    ``pca_dim``: PCA-whiten the features to ``min(d, pca_dim)`` dimensions before the L2 normalization
+    (SPCL's preprocessing, from DeepCluster; docs/DESIGN.md, "E-step"). Returns the
     immutable :class:`PrototypeSet` for ``epoch``, with L2-normalized
     centroids, φ rescaled to mean ``temperature``, the backend that ran
     (``"faiss-cpu"`` / ``"faiss-gpu"``) and the wall seconds.
+
+    ``init_centroids``: a warm start, one (k, d) array per granularity (e.g. the previous epoch's
+    ``PrototypeSet.granularities[i].centroids``); k-means then starts from them with one restart and
+    ``warm_niter`` (default ``niter``) iterations (``estep.warm_start``, README "Benchmarks").
     """
     start = time.perf_counter()
     x = _as_features(features)
@@ -78,15 +108,22 @@ def run_estep(
     backend_name = resolve_backend(backend)
     kmeans_backend = "gpu" if backend_name == "faiss-gpu" else "cpu"
 
-    x = _l2_normalize(x)
+    if pca_dim is not None:
+        x = pca_whiten(x, pca_dim)  # (N, d) -> (N, min(d, pca_dim))
+    x = l2_normalize(x)
+    base_seed = epoch_seed(seed, epoch) if reseed else int(seed)
+    if init_centroids is not None and len(init_centroids) != len(ks):
+        raise ValueError(f"init_centroids: expected one array per granularity ({len(ks)}), got {len(init_centroids)}")
     granularities = []
     for i, k in enumerate(ks):
+        init = None if init_centroids is None else init_centroids[i]
         result = kmeans(
             x,
             k,
-            niter=niter,
+            niter=niter if init is None or warm_niter is None else int(warm_niter),
+            init_centroids=init,
             nredo=nredo,
-            seed=seed + i,
+            seed=base_seed + i,
             max_points_per_centroid=max_points_per_centroid,
             spherical=False,
             backend=kmeans_backend,
@@ -97,7 +134,7 @@ def run_estep(
             Granularity(
                 num_clusters=k,
                 assignments=result.assignments,
-                centroids=_l2_normalize(result.centroids),
+                centroids=l2_normalize(result.centroids),
                 concentration=phi,
                 sizes=np.bincount(result.assignments, minlength=k).astype(np.int64),
             )

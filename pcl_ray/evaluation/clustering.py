@@ -21,6 +21,8 @@ from sklearn.metrics import (
     normalized_mutual_info_score,
 )
 
+from .features import l2_normalize
+
 __all__ = ["cluster_metrics", "hungarian_accuracy", "kmeans_assign"]
 
 
@@ -46,11 +48,6 @@ def hungarian_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     return float(counts[rows, cols].sum() / y_true.size)
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
 def _kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding (Arthur & Vassilvitskii, 2007): ``(k, d)`` float32 initial centroids.
 
@@ -59,12 +56,12 @@ def _kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     one matrix-vector product over ``x``.
     """
     n = x.shape[0]
-    sq_norms = np.einsum("ij,ij->i", x, x)
+    sq_norms = np.einsum("ij,ij->i", x, x)  # N: |x_i|^2
     chosen = [int(rng.integers(n))]
-    closest = np.full(n, np.inf, dtype=np.float64)
+    closest = np.full(n, np.inf, dtype=np.float64)  # N: squared distance to the nearest chosen centre
     for _ in range(1, k):
         c = chosen[-1]
-        dist = np.maximum(sq_norms + sq_norms[c] - 2.0 * (x @ x[c]), 0.0)
+        dist = np.maximum(sq_norms + sq_norms[c] - 2.0 * (x @ x[c]), 0.0)  # N: |x_i - x_c|^2
         np.minimum(closest, dist, out=closest)
         total = closest.sum()
         chosen.append(int(rng.choice(n, p=closest / total)) if total > 0 else int(rng.integers(n)))
@@ -91,7 +88,7 @@ def kmeans_assign(
     faiss uses all CPU cores for the duration of the call; its previous thread
     count is restored afterwards.
     """
-    x = np.ascontiguousarray(_l2_normalize(np.asarray(feats, dtype=np.float32)), dtype=np.float32)
+    x = np.ascontiguousarray(l2_normalize(feats))  # N x d float32, unit rows
     n, d = x.shape
     if not 1 <= num_clusters <= n:
         raise ValueError(f"num_clusters must be in [1, {n}], got {num_clusters}")
@@ -114,7 +111,7 @@ def kmeans_assign(
             obj = kmeans.train(x, init_centroids=_kmeans_plusplus(x, num_clusters, rng))
             if best_index is None or obj < best_obj:
                 best_obj, best_index = obj, kmeans.index
-        _, assignments = best_index.search(x, 1)
+        _, assignments = best_index.search(x, 1)  # N x 1: the nearest centroid of each point
     finally:
         faiss.omp_set_num_threads(previous_threads)
     return assignments.ravel().astype(np.int64)

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
+from ..normalize import l2_normalize
 from .plots import _save
 
 __all__ = ["plot_embedding", "plot_embedding_grid", "tsne_2d"]
@@ -31,7 +32,7 @@ def tsne_2d(feats: np.ndarray, *, seed: int = 0, perplexity: float = 30.0) -> np
     x = np.asarray(feats, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 3:
         raise ValueError(f"t-SNE needs at least 3 points of 2-D features, got shape {x.shape}")
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = l2_normalize(x)  # N x d, unit rows
     n_components = min(PCA_DIM, x.shape[0], x.shape[1])
     if n_components < x.shape[1]:
         x = PCA(n_components=n_components, random_state=seed).fit_transform(x)

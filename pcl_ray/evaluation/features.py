@@ -1,5 +1,9 @@
 """Turning images into feature matrices for evaluation, one block at a time.
 
+The one place evaluation loads a trained encoder (:func:`load_encoder`) and embeds a split with it
+(:func:`embed_split`), and where the raw-pixel baseline's features come from (:func:`raw_pixel_split`):
+the end-of-run report, the ``eval`` suite and ``compare``'s t-SNE grid all go through here.
+
 Feature matrices are the largest objects of an evaluation (1.28M x 2048 float32 = 10 GB for the
 ImageNet training split), so every function here writes each block of outputs straight into one
 preallocated array instead of collecting blocks in a list and concatenating them at the end, which
@@ -8,12 +12,21 @@ holds every feature twice at the moment of the concatenation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["embed", "embed_many", "eval_device", "raw_pixel_features", "raw_pixel_matrix"]
+from ..config import EVAL_FEATURES, ExperimentConfig
+from ..data import IndexedImages, ViewMaker, iterate_batches
+from ..normalize import l2_normalize  # noqa: F401  (evaluation modules import it from here)
+from ..models import Encoder, build_encoder
+
+__all__ = ["FEATURES", "all_images", "embed", "embed_many", "embed_split", "eval_device", "eval_views",
+           "image_blocks", "l2_normalize", "load_encoder", "raw_pixel_features", "raw_pixel_matrix", "raw_pixel_split"]
+
+FEATURES: tuple[str, ...] = EVAL_FEATURES  # what embed_split can return (eval.feature picks one)
 
 
 def eval_device() -> torch.device:
@@ -123,3 +136,92 @@ def embed(
         float32 ``(sum of B, d)`` array on the CPU.
     """
     return embed_many(lambda b: {"x": model_fn(b)}, batches, total)["x"]
+
+
+def load_encoder(cfg: ExperimentConfig, method_state: Mapping[str, torch.Tensor], in_channels: int, *,
+                 head_for: str | None = None) -> Encoder:
+    """The online encoder of a method state dict (keys ``encoder.*``), in eval mode.
+
+    A state holding only the backbone (``encoder.backbone.*``, e.g. rebuilt from an MLflow
+    ``model/backbone.pt``) is accepted unless the head is needed: ``head_for`` names what needs it (the
+    end-of-run report's head row); when None, ``eval.feature=head`` does.
+
+    Raises:
+        ValueError: the weights do not fit ``cfg.model``, or the head is needed but missing.
+    """
+    enc = build_encoder(cfg.model, in_channels)
+    prefix = "encoder."
+    state = {k[len(prefix):]: v for k, v in method_state.items() if k.startswith(prefix)}
+    try:
+        missing, unexpected = enc.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"the checkpoint does not fit model={cfg.model.model_dump()}: {exc}") from None
+    bad_missing = [k for k in missing if not k.startswith("head.")]
+    if unexpected or bad_missing:
+        raise ValueError(f"the checkpoint does not fit model={cfg.model.model_dump()}: "
+                         f"missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
+    if head_for is None and cfg.eval.feature == "head":
+        head_for = "eval.feature=head"
+    if missing and head_for is not None:
+        raise ValueError(f"{head_for} needs the projection head, which this checkpoint does not hold")
+    return enc.eval()
+
+
+def eval_views(cfg: ExperimentConfig, ds: IndexedImages) -> ViewMaker:
+    """The view maker whose ``eval`` transform (resize + normalize, no augmentation) evaluation embeds with."""
+    return ViewMaker(cfg.data.views.recipe, cfg.data.image_size or ds.image_size, ds.channels, ds.mean, ds.std)
+
+
+def embed_split(enc: Encoder, ds: IndexedImages, views: ViewMaker, features: Sequence[str] = FEATURES,
+                batch_size: int = 512) -> dict[str, np.ndarray]:
+    """The named ``features`` of every image of ``ds``, in dataset order, from one pass of ``enc``.
+
+    ``"backbone"``: the pooled backbone features ``(N, backbone_dim)``; ``"head"``: the projection head's
+    L2-normalized output ``(N, feature_dim)``. Runs on :func:`eval_device`, block by block; each block lands
+    in its rows of the result arrays (see :func:`embed_many`).
+    """
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown or not features:
+        raise ValueError(f"embed_split: features must be some of {', '.join(FEATURES)}, got {list(features)}")
+    device = eval_device()
+    enc = enc.to(device)
+
+    def named(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = enc.features(views.eval(images.to(device, non_blocking=True)))  # h: B x backbone_dim
+        out = {"backbone": h} if "backbone" in features else {}
+        if "head" in features:
+            out["head"] = F.normalize(enc.head(h), dim=1)  # B x feature_dim, unit rows
+        return out
+
+    batches = (b for b, _ in iterate_batches(ds, None, batch_size, shuffle=False, seed=0, drop_last=False))
+    return embed_many(named, batches, total=len(ds))
+
+
+def image_blocks(ds: IndexedImages, size: int, batch_size: int = 1024) -> Iterator[torch.Tensor]:
+    """The split's uint8 images ``(B, C, size, size)`` in dataset order, resized to ``size`` when needed."""
+    for x, _ in iterate_batches(ds, None, batch_size, shuffle=False, seed=0, drop_last=False):
+        if x.shape[-1] != size or x.shape[-2] != size:  # x: B x C x H x W uint8
+            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        yield x
+
+
+def raw_pixel_split(ds: IndexedImages, size: int) -> np.ndarray:
+    """Raw-pixel features ``(N, C*size*size)`` of the split, converted block by block into one float32 matrix."""
+    return raw_pixel_matrix(image_blocks(ds, size), len(ds))
+
+
+def all_images(ds: IndexedImages, size: int) -> torch.Tensor:
+    """Every image of the split as one uint8 ``(N, C, size, size)`` tensor (the split's own when it fits as is)."""
+    tensor = ds.tensor
+    if tensor is not None and tensor.shape[0] == len(ds) and tensor.shape[-2:] == (size, size):
+        return tensor
+    out = None
+    filled = 0
+    for x in image_blocks(ds, size):
+        if out is None:
+            out = torch.empty((len(ds), *x.shape[1:]), dtype=torch.uint8)
+        out[filled : filled + x.shape[0]] = x
+        filled += x.shape[0]
+    assert out is not None  # load_split refuses empty splits
+    return out

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IndexedImages, Recipe, ViewMaker, iterate_batches
+from .features import eval_device
 
 __all__ = ["FINETUNE_RECIPE", "FinetuneResult", "balanced_subset", "finetune_backbone"]
 
@@ -100,7 +101,7 @@ def finetune_backbone(
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device) if device is not None else eval_device()
     labels_all = torch.from_numpy(np.asarray(train.labels, dtype=np.int64))
     n_classes = int(max(train.labels.max(), test.labels.max()) + 1) if num_classes is None else int(num_classes)
     size = image_size or train.image_size
@@ -130,8 +131,8 @@ def finetune_backbone(
                                            drop_last=False):
             if images.shape[0] < 2:  # batch norm needs two samples
                 continue
-            x = views(images.to(dev), generator=gen)
-            loss = F.cross_entropy(model(x), labels_all[idx].to(dev))
+            x = views(images.to(dev), generator=gen)  # B x C x size x size, augmented
+            loss = F.cross_entropy(model(x), labels_all[idx].to(dev))  # logits: B x classes
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -148,7 +149,7 @@ def finetune_backbone(
         for images, idx in iterate_batches(test, None, 512, shuffle=False, seed=0, drop_last=False):
             y = test_labels[idx]
             known = y >= 0
-            pred = model(views.eval(images.to(dev))).argmax(dim=1).cpu()
+            pred = model(views.eval(images.to(dev))).argmax(dim=1).cpu()  # B
             correct += int((pred[known] == y[known]).sum())
             total += int(known.sum())
     if total == 0:

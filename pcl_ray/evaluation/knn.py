@@ -88,9 +88,9 @@ def knn_predict_many(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     device = train_feats.device if isinstance(train_feats, torch.Tensor) else torch.device("cpu")
-    train = F.normalize(_as_tensor(train_feats, dtype=torch.float32, device=device), dim=1)
-    test = _as_tensor(test_feats, dtype=torch.float32, device=device)
-    labels = _as_tensor(train_labels, dtype=torch.int64, device=device)
+    train = F.normalize(_as_tensor(train_feats, dtype=torch.float32, device=device), dim=1)  # N x d, unit rows
+    test = _as_tensor(test_feats, dtype=torch.float32, device=device)  # M x d
+    labels = _as_tensor(train_labels, dtype=torch.int64, device=device)  # N
 
     if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
         raise ValueError(
@@ -110,16 +110,16 @@ def knn_predict_many(
     clipped = {k: min(k, train.shape[0]) for k in ks}
     k_max = max(clipped.values())
 
-    preds = {k: torch.empty(test.shape[0], dtype=torch.int64, device=device) for k in ks}
+    preds = {k: torch.empty(test.shape[0], dtype=torch.int64, device=device) for k in ks}  # M each
     with torch.no_grad():
         for start in range(0, test.shape[0], batch_size):
-            block = F.normalize(test[start : start + batch_size], dim=1)
+            block = F.normalize(test[start : start + batch_size], dim=1)  # B x d
             sims, idx = (block @ train.T).topk(k_max, dim=1)  # (B, k_max) each, sorted by similarity
-            weights = (sims / temperature).exp()
-            votes = labels[idx]
+            weights = (sims / temperature).exp()  # B x k_max
+            votes = labels[idx]  # B x k_max: the neighbours' labels
             for k, kk in clipped.items():
-                scores = torch.zeros(block.shape[0], n_classes, dtype=weights.dtype, device=device)
-                scores.scatter_add_(1, votes[:, :kk], weights[:, :kk])
+                scores = torch.zeros(block.shape[0], n_classes, dtype=weights.dtype, device=device)  # B x classes
+                scores.scatter_add_(1, votes[:, :kk], weights[:, :kk])  # each of the kk nearest votes its weight
                 preds[k][start : start + block.shape[0]] = scores.argmax(dim=1)
     return {k: p.cpu().numpy() for k, p in preds.items()}
 

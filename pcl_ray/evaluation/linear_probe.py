@@ -94,7 +94,7 @@ def fit_logistic_regression(
         b = torch.zeros(num_classes, dtype=x.dtype)
     else:
         w, b = (t.detach().clone() for t in init)
-    target = F.one_hot(y, num_classes).to(x.dtype)
+    target = F.one_hot(y, num_classes).to(x.dtype)  # N x C
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
 
@@ -102,11 +102,11 @@ def fit_logistic_regression(
         # Loss and gradient by hand: autograd's backward of ``x @ w.T`` forms ``x.T @ g``,
         # several times slower on the CPU than the equivalent ``g.T @ x`` used here.
         with torch.no_grad():
-            log_p = torch.log_softmax(torch.addmm(b, x, w.T), dim=1)
+            log_p = torch.log_softmax(torch.addmm(b, x, w.T), dim=1)  # N x C
             loss = -(log_p * target).sum() / n + 0.5 * weight_decay * w.square().sum()
-            g = log_p.exp_().sub_(target).div_(n)  # d loss / d logits
-            w.grad = g.T @ x + weight_decay * w
-            b.grad = g.sum(dim=0)
+            g = log_p.exp_().sub_(target).div_(n)  # N x C: d loss / d logits
+            w.grad = g.T @ x + weight_decay * w  # C x d
+            b.grad = g.sum(dim=0)  # C
         return loss
 
     opt.step(closure)
@@ -115,7 +115,7 @@ def fit_logistic_regression(
 
 def _accuracy(x: torch.Tensor, y: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> float:
     with torch.no_grad():
-        return float((torch.addmm(wb[1], x, wb[0].T).argmax(dim=1) == y).double().mean())
+        return float((torch.addmm(wb[1], x, wb[0].T).argmax(dim=1) == y).double().mean())  # logits: N x C
 
 
 def fit_linear_probe(
@@ -157,9 +157,9 @@ def fit_linear_probe(
         raise ValueError("weight_decays is empty")
     n_classes = int(y_tr.max()) + 1 if num_classes is None else int(num_classes)
 
-    mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
+    mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)  # d each, from train only
     std[std < 1e-6] = 1.0
-    xt = torch.from_numpy((x_tr - mean) / std)
+    xt = torch.from_numpy((x_tr - mean) / std)  # N x d, standardized
     yt = torch.from_numpy(y_tr)
 
     fit_idx, val_idx = stratified_split(y_tr, val_fraction, np.random.default_rng(seed))

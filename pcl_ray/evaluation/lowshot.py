@@ -24,6 +24,8 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
+from .features import l2_normalize
+
 __all__ = ["LowShotResult", "draw_shots", "lowshot_svm", "select_cost"]
 
 
@@ -49,11 +51,6 @@ class LowShotResult:
     def std(self) -> float:
         """Sample standard deviation over draws (0 for a single draw)."""
         return float(np.std(self.accuracies, ddof=1)) if len(self.accuracies) > 1 else 0.0
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def draw_shots(
@@ -135,7 +132,7 @@ def lowshot_svm(
         seed: draw ``d`` of ``k`` shots uses ``SeedSequence([seed, k, d])``, so
             adding a shot count or a draw leaves the others unchanged.
     """
-    x_tr, x_te = _l2_normalize(train_feats), _l2_normalize(test_feats)
+    x_tr, x_te = l2_normalize(train_feats), l2_normalize(test_feats)  # N x d, M x d, unit rows
     y_tr = np.asarray(train_labels).astype(np.int64).ravel()
     y_te = np.asarray(test_labels).astype(np.int64).ravel()
     if x_tr.shape[0] != y_tr.size or x_te.shape[0] != y_te.size:
@@ -151,7 +148,7 @@ def lowshot_svm(
         accs, chosen = [], []
         for d in range(draws):
             rng = np.random.default_rng(np.random.SeedSequence([seed, int(k), d]))
-            tr, val = draw_shots(y_tr, int(k), val_per_class, rng)
+            tr, val = draw_shots(y_tr, int(k), val_per_class, rng)  # positions: k and <= val_per_class a class
             cost, svm = select_cost(x_tr[tr], y_tr[tr], x_tr[val], y_tr[val], costs, seed=seed)
             chosen.append(cost)
             accs.append(float((svm.predict(x_te) == y_te).mean()))

@@ -1,7 +1,7 @@
 """The evaluation suite behind ``python run.py eval``: every protocol on one trained encoder.
 
 ``run_suite(cfg, method_state, suites, out_dir)`` embeds the train and test
-splits once with the encoder of a method state dict (``eval.feature``: the
+splits once with the encoder of a method state dict (:mod:`.features`) (``eval.feature``: the
 pooled backbone features by default, or the projection head's normalized
 output), runs the requested suites on them and returns flat metrics named
 ``eval/<suite>/<metric>``:
@@ -24,6 +24,10 @@ export     embeddings + labels to Parquet, backbone state dict              (``e
            (:mod:`.export`)                                                 ``backbone.pt``)
 ========== ================================================================ ==========================
 
+The end-of-run report of ``train`` (:mod:`.report`) is the ``knn``, ``cluster``
+and ``lowshot`` suites through :func:`score`, on the backbone and head
+features and on raw pixels.
+
 Artifacts are written into ``out_dir``. Labels are read only here, never in
 training; every choice of a hyper-parameter (λ, ``C``) uses training labels
 only, and the test labels only score the chosen model.
@@ -38,21 +42,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import EVAL_SUITES, ExperimentConfig
-from ..data import IndexedImages, ViewMaker, iterate_batches, load_split
-from ..models import Encoder, build_encoder
+from ..data import IndexedImages, load_split
+from ..models import Encoder
 from .clustering import cluster_metrics
 from .embedding_plot import plot_embedding
 from .export import export_backbone, export_embeddings
-from .features import embed, eval_device
+from .features import embed_split, eval_views, load_encoder
 from .finetune import finetune_backbone
 from .knn import knn_accuracies
 from .linear_probe import fit_linear_probe
 from .lowshot import lowshot_svm
 
-__all__ = ["DEFAULT_SUITES", "SUITES", "encoder_from_state", "parse_suites", "run_suite"]
+__all__ = ["DEFAULT_SUITES", "SUITES", "SuiteContext", "load_splits", "parse_suites", "run_suite", "score"]
 
 SUITES: tuple[str, ...] = EVAL_SUITES
 DEFAULT_SUITES: tuple[str, ...] = tuple(s for s in SUITES if s != "finetune")
@@ -79,58 +82,38 @@ def parse_suites(spec: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def encoder_from_state(cfg: ExperimentConfig, method_state: Mapping[str, torch.Tensor], in_channels: int) -> Encoder:
-    """The online encoder of a method state dict (keys ``encoder.*``), in eval mode.
-
-    A state holding only the backbone (``encoder.backbone.*``, e.g. rebuilt from
-    an MLflow ``model/backbone.pt``) is accepted while ``eval.feature`` is
-    ``backbone``.
+def load_splits(cfg: ExperimentConfig, names: Sequence[str]) -> tuple[IndexedImages, IndexedImages, int]:
+    """The train and test splits of ``cfg.data`` and their number of classes.
 
     Raises:
-        ValueError: the weights do not fit ``cfg.model``, or the head is needed but missing.
+        ValueError: a suite of ``names`` that scores against labels, on a data set without them.
     """
-    enc = build_encoder(cfg.model, in_channels)
-    prefix = "encoder."
-    state = {k[len(prefix):]: v for k, v in method_state.items() if k.startswith(prefix)}
-    try:
-        missing, unexpected = enc.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise ValueError(f"the checkpoint does not fit model={cfg.model.model_dump()}: {exc}") from None
-    bad_missing = [k for k in missing if not k.startswith("head.")]
-    if unexpected or bad_missing:
-        raise ValueError(f"the checkpoint does not fit model={cfg.model.model_dump()}: "
-                         f"missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
-    if missing and cfg.eval.feature == "head":
-        raise ValueError("eval.feature=head needs the projection head, which this checkpoint does not hold")
-    return enc.eval()
-
-
-def _embed_split(enc: Encoder, ds: IndexedImages, views: ViewMaker, feature: str) -> np.ndarray:
-    device = eval_device()
-    enc = enc.to(device)
-
-    def features(images: torch.Tensor) -> torch.Tensor:
-        h = enc.features(views.eval(images.to(device, non_blocking=True)))
-        return F.normalize(enc.head(h), dim=1) if feature == "head" else h
-
-    batches = (b for b, _ in iterate_batches(ds, None, 512, shuffle=False, seed=0, drop_last=False))
-    return embed(features, batches, total=len(ds))  # filled in place: the features are held once
+    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    if set(names) & _NEEDS_LABELS and ((train.labels < 0).all() or (test.labels < 0).all()):
+        raise ValueError(f"data.name={cfg.data.name}: suites {sorted(set(names) & _NEEDS_LABELS)} need labels "
+                         "on both splits, the data set has none")
+    return train, test, int(max(train.labels.max(), test.labels.max(), 0) + 1)
 
 
 @dataclass
-class _Context:
-    """What every suite reads: config, splits, features, encoder, output folder."""
+class SuiteContext:
+    """What every suite reads: config, splits, their features and, for the suites that need them, the
+    encoder (``finetune``), the method state (``export``) and the output folder (``tsne``, ``export``).
+
+    The features need not come from an encoder: the end-of-run report scores raw pixels through the same
+    suites (:mod:`.report`).
+    """
 
     cfg: ExperimentConfig
-    method_state: Mapping[str, torch.Tensor]
     train: IndexedImages
     test: IndexedImages
-    encoder: Encoder
     num_classes: int
-    out_dir: Path
     log: Callable[[str], None]
-    train_feats: np.ndarray | None = None
-    test_feats: np.ndarray | None = None
+    train_feats: np.ndarray | None = None  # N_train x d
+    test_feats: np.ndarray | None = None  # N_test x d
+    encoder: Encoder | None = None
+    method_state: Mapping[str, torch.Tensor] | None = None
+    out_dir: Path | None = None
 
     @property
     def seed(self) -> int:
@@ -146,7 +129,7 @@ class _Context:
         return x[known], ds.labels[known]
 
 
-def _knn(ctx: _Context) -> dict[str, float]:
+def _knn(ctx: SuiteContext) -> dict[str, float]:
     (xtr, ytr), (xte, yte) = ctx.labelled("train"), ctx.labelled("test")
     e = ctx.cfg.eval
     accs = knn_accuracies(xtr, ytr, xte, yte, [e.knn_k, *e.knn_extra_k], temperature=e.knn_temperature,
@@ -154,7 +137,7 @@ def _knn(ctx: _Context) -> dict[str, float]:
     return {"acc": accs[e.knn_k], **{f"acc_k{k}": accs[k] for k in e.knn_extra_k}}
 
 
-def _linear(ctx: _Context) -> dict[str, float]:
+def _linear(ctx: SuiteContext) -> dict[str, float]:
     e = ctx.cfg.eval
     res = fit_linear_probe(
         *ctx.labelled("train"), *ctx.labelled("test"), weight_decays=e.linear_weight_decays,
@@ -163,7 +146,7 @@ def _linear(ctx: _Context) -> dict[str, float]:
     return {"acc": res.accuracy, "val_acc": res.val_accuracy, "weight_decay": res.weight_decay}
 
 
-def _lowshot(ctx: _Context) -> dict[str, float]:
+def _lowshot(ctx: SuiteContext) -> dict[str, float]:
     e = ctx.cfg.eval
     out: dict[str, float] = {}
     for r in lowshot_svm(*ctx.labelled("train"), *ctx.labelled("test"), shots=e.lowshot_shots,
@@ -175,8 +158,9 @@ def _lowshot(ctx: _Context) -> dict[str, float]:
     return out
 
 
-def _finetune(ctx: _Context) -> dict[str, float]:
+def _finetune(ctx: SuiteContext) -> dict[str, float]:
     e = ctx.cfg.eval
+    assert ctx.encoder is not None
     out: dict[str, float] = {}
     for fraction in e.finetune_fractions:
         res = finetune_backbone(
@@ -190,13 +174,13 @@ def _finetune(ctx: _Context) -> dict[str, float]:
     return out
 
 
-def _cluster(ctx: _Context) -> dict[str, float]:
+def _cluster(ctx: SuiteContext) -> dict[str, float]:
     x, y = ctx.labelled("test")
     return cluster_metrics(x, y, num_clusters=ctx.num_classes, restarts=ctx.cfg.eval.kmeans_restarts, seed=ctx.seed)
 
 
-def _tsne(ctx: _Context) -> dict[str, float]:
-    assert ctx.test_feats is not None
+def _tsne(ctx: SuiteContext) -> dict[str, float]:
+    assert ctx.test_feats is not None and ctx.out_dir is not None
     cfg = ctx.cfg
     path = plot_embedding(ctx.test_feats, ctx.test.labels, ctx.out_dir / "tsne.png", max_points=cfg.eval.tsne_points,
                           seed=ctx.seed, class_names=ctx.test.classes,
@@ -205,7 +189,8 @@ def _tsne(ctx: _Context) -> dict[str, float]:
     return {}
 
 
-def _export(ctx: _Context) -> dict[str, float]:
+def _export(ctx: SuiteContext) -> dict[str, float]:
+    assert ctx.out_dir is not None and ctx.method_state is not None
     parts = {"train": (ctx.train_feats, ctx.train.labels), "test": (ctx.test_feats, ctx.test.labels)}
     path = export_embeddings(ctx.out_dir / "embeddings.parquet",
                              {s: parts[s] for s in ctx.cfg.eval.export_splits}, feature=ctx.cfg.eval.feature)
@@ -214,7 +199,7 @@ def _export(ctx: _Context) -> dict[str, float]:
     return {}
 
 
-_RUNNERS: dict[str, Callable[[_Context], dict[str, float]]] = {
+_RUNNERS: dict[str, Callable[[SuiteContext], dict[str, float]]] = {
     "knn": _knn, "linear": _linear, "lowshot": _lowshot, "finetune": _finetune,
     "cluster": _cluster, "tsne": _tsne, "export": _export,
 }
@@ -244,27 +229,27 @@ def run_suite(
     names = parse_suites(suites)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
-    if set(names) & _NEEDS_LABELS and ((train.labels < 0).all() or (test.labels < 0).all()):
-        raise ValueError(f"data.name={cfg.data.name}: suites {sorted(set(names) & _NEEDS_LABELS)} need labels "
-                         "on both splits, the data set has none")
-    num_classes = int(max(train.labels.max(), test.labels.max(), 0) + 1)
-    encoder = encoder_from_state(cfg, method_state, train.channels)
-    ctx = _Context(cfg, method_state, train, test, encoder, num_classes, out, log)
+    train, test, num_classes = load_splits(cfg, names)
+    encoder = load_encoder(cfg, method_state, train.channels)
+    ctx = SuiteContext(cfg, train, test, num_classes, log, encoder=encoder, method_state=method_state, out_dir=out)
 
     if set(names) & _NEEDS_FEATURES:
         start = time.perf_counter()
-        views = ViewMaker(cfg.data.views.recipe, cfg.data.image_size or train.image_size, train.channels,
-                          train.mean, train.std)
-        ctx.train_feats = _embed_split(encoder, train, views, cfg.eval.feature)
-        ctx.test_feats = _embed_split(encoder, test, views, cfg.eval.feature)
+        views = eval_views(cfg, train)
+        feature = cfg.eval.feature
+        ctx.train_feats = embed_split(encoder, train, views, [feature])[feature]  # N_train x d
+        ctx.test_feats = embed_split(encoder, test, views, [feature])[feature]  # N_test x d
         log(f"[pcl-ray] eval: embedded {len(train)} train + {len(test)} test images "
-            f"({cfg.eval.feature} features, d={ctx.train_feats.shape[1]}) in {time.perf_counter() - start:.1f}s")
+            f"({feature} features, d={ctx.train_feats.shape[1]}) in {time.perf_counter() - start:.1f}s")
 
-    metrics: dict[str, float] = {}
+    return {f"eval/{name}/{k}": v for name, values in score(ctx, names).items() for k, v in values.items()}
+
+
+def score(ctx: SuiteContext, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Run the suites ``names`` (valid names, see :func:`parse_suites`) on ``ctx``: ``{suite: {metric: value}}``."""
+    results: dict[str, dict[str, float]] = {}
     for name in names:
         start = time.perf_counter()
-        values = _RUNNERS[name](ctx)
-        metrics.update({f"eval/{name}/{k}": float(v) for k, v in values.items()})
-        log(f"[pcl-ray] eval {name}: done in {time.perf_counter() - start:.1f}s")
-    return metrics
+        results[name] = {k: float(v) for k, v in _RUNNERS[name](ctx).items()}
+        ctx.log(f"[pcl-ray] eval {name}: done in {time.perf_counter() - start:.1f}s")
+    return results

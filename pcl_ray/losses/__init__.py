@@ -14,6 +14,7 @@ from .contrastive import (
 )
 from .clustering_ce import balanced_pairs, pair_bce, prototype_ce, symmetric_ce
 from .nt_xent import nt_xent
+from .siamese import SIAMESE_TERMS, siamese_differences, siamese_metric_loss
 from .swav import sinkhorn, swapped_prediction_loss
 
 __all__ = [
@@ -24,6 +25,9 @@ __all__ = [
     "pair_bce",
     "prototype_ce",
     "symmetric_ce",
+    "SIAMESE_TERMS",
+    "siamese_differences",
+    "siamese_metric_loss",
     "AUTO_FACTOR",
     "accuracy",
     "info_nce",

@@ -3,7 +3,7 @@
 Tensors in, tensors out. The callers own the state (queue, momentum encoder,
 prototypes); these functions only turn embeddings into logits, targets and a
 cross-entropy loss, following the PCL reference implementation
-(salesforce/PCL) and the README, "How it works".
+(salesforce/PCL); docs/DESIGN.md, "ProtoNCE (PCL)", says where and why it differs.
 
 Conventions: ``q`` and ``k`` are ``(B, d)`` L2-normalized embeddings, the
 queue and the centroids are ``(K, d)`` / ``(k, d)`` L2-normalized rows, and
@@ -101,8 +101,8 @@ def info_nce(
 
     l_pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
     l_neg = q @ queue.to(q.dtype).t()  # (B, K)
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-    targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # (B, 1 + K)
+    targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # (B,): the positive is column 0
     return F.cross_entropy(logits, targets), logits, targets
 
 
@@ -207,13 +207,13 @@ def proto_nce(
     concentration = concentration.to(q.dtype)
     assignments = assignments.long()
     if form_used == "full":
-        logits = (q @ centroids.t()) / concentration
-        targets = assignments
+        logits = (q @ centroids.t()) / concentration  # (B, d) @ (d, k) / (k,) -> (B, k)
+        targets = assignments  # (B,) in [0, k)
     else:
-        neg = sample_negative_clusters(assignments, num_clusters, num_negatives, generator=generator)
-        ids = torch.cat([assignments, neg])
-        logits = (q @ centroids[ids].t()) / concentration[ids]
-        targets = torch.arange(batch, dtype=torch.long, device=q.device)
+        neg = sample_negative_clusters(assignments, num_clusters, num_negatives, generator=generator)  # (r,)
+        ids = torch.cat([assignments, neg])  # (B + r,): B positives, then r negatives
+        logits = (q @ centroids[ids].t()) / concentration[ids]  # (B, d) @ (d, B + r) -> (B, B + r)
+        targets = torch.arange(batch, dtype=torch.long, device=q.device)  # (B,): row i's positive is column i
     return F.cross_entropy(logits, targets), logits, targets, form_used
 
 
@@ -247,7 +247,7 @@ def proto_nce_multi(
         losses.append(loss)
         outputs.append((logits, targets))
         forms.append(form_used)
-    return torch.stack(losses).mean(), outputs, forms
+    return torch.stack(losses).mean(), outputs, forms  # 0-d mean over the M granularities
 
 
 # --------------------------------------------------------------------------- #

@@ -77,11 +77,11 @@ def nt_xent(
 
     queries = torch.cat([z_a, z_b])  # (2B, d)
     keys = torch.cat([z_a_all, z_b_all]).to(queries.dtype)  # (2N, d)
-    logits = queries @ keys.t() / temperature
+    logits = queries @ keys.t() / temperature  # (2B, 2N) cosine similarities / τ
 
-    rows = torch.arange(2 * b, device=queries.device)
+    rows = torch.arange(2 * b, device=queries.device)  # (2B,)
     own = torch.arange(b, device=queries.device) + rank_offset  # this worker's images, global ids
-    self_cols = torch.cat([own, own + n])
-    targets = torch.cat([own + n, own])
-    logits = logits.index_put((rows, self_cols), logits.new_tensor(float("-inf")))
+    self_cols = torch.cat([own, own + n])  # (2B,): each local row's own column
+    targets = torch.cat([own + n, own])  # (2B,): each row's positive, the other view of its image
+    logits = logits.index_put((rows, self_cols), logits.new_tensor(float("-inf")))  # (2B, 2N), self masked
     return F.cross_entropy(logits, targets), logits, targets

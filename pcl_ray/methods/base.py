@@ -47,6 +47,14 @@ class LossResult:
     enqueue: torch.Tensor | None = None
 
 
+@torch.no_grad()
+def batch_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy in percent as a detached 0-d tensor on the logits' device (no device sync per step;
+    :func:`pcl_ray.losses.accuracy` is the float version)."""
+    # logits: BxC, targets: B -> 0-d
+    return (logits.argmax(dim=1) == targets).float().mean() * 100.0
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The plain module behind a DistributedDataParallel wrapper."""
     return getattr(module, "module", module)
@@ -72,6 +80,17 @@ class Method(nn.Module):
         return [ViewSpec(image_size, s), ViewSpec(image_size, s)]
 
     # ---- E-step -------------------------------------------------------------------------------
+    @classmethod
+    def estep_options(cls, cfg) -> dict:
+        """Extra keyword arguments of :func:`~pcl_ray.estep.run_estep` this method's E-step needs
+        (``pca_dim``, ``reseed``, ``seed``; docs/DESIGN.md, "E-step"). Default: none (PCL's E-step)."""
+        return {}
+
+    @classmethod
+    def estep_dim(cls, cfg) -> int:
+        """Width of what :meth:`embed_for_estep` returns. Default: the projection head's ``model.feature_dim``."""
+        return cfg.model.feature_dim
+
     def estep_module(self) -> nn.Module:
         """The module put in eval mode while the E-step embeds the training set."""
         return self.encoder

@@ -5,7 +5,9 @@ Reference: Caron et al. 2020 (the SwAV paper, appendix), facebookresearch/swav
 ``estep.num_clusters``; one bias-free linear head per granularity holds that granularity's
 L2-normalized centroids and is never trained (``requires_grad`` False). The M-step loss is, averaged over
 heads and over every crop of the batch, ``CE(softmax(z·Pᵀ/τ), assignment of the image)`` with
-τ = ``method.temperature`` (paper: 0.1) and an ignore index for unassigned images.
+τ = ``method.temperature`` (0.1, the reference's, when not given) and an ignore index for unassigned images.
+As in the reference, the projection head is Linear-BN-ReLU-Linear and every epoch's k-means draws a new seed
+(from ``(train.seed, estep.seed, epoch)``, so a resumed run draws the same). docs/DESIGN.md, "DeepCluster-v2".
 
 Differences from the reference, all deliberate:
 
@@ -26,13 +28,14 @@ Differences from the reference, all deliberate:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..losses import accuracy, prototype_ce
 from ..models import build_encoder
-from .base import Method
+from .base import LossResult, Method
 
 IGNORE_INDEX = -1
 
@@ -46,7 +49,7 @@ class DeepClusterV2(Method):
         if cfg.train.warmup_epochs != 0:
             raise ValueError(warmup_error(cfg.train.warmup_epochs))
         self.temperature = cfg.method.temperature
-        self.encoder = build_encoder(cfg.model, in_channels)
+        self.encoder = build_encoder(cfg.model, in_channels)  # model.head_bn: true (config)
         self.net = self.encoder
         d = cfg.model.feature_dim
         self.prototypes = nn.ModuleList(nn.Linear(d, k, bias=False) for k in cfg.estep.num_clusters)
@@ -54,6 +57,11 @@ class DeepClusterV2(Method):
             for head in self.prototypes:
                 head.weight.requires_grad_(False)
                 head.weight.copy_(F.normalize(head.weight, dim=1))
+
+    @classmethod
+    def estep_options(cls, cfg) -> dict:
+        """A new k-means seed every epoch, as the reference (its seed changes from one clustering to the next)."""
+        return {"reseed": True, "seed": run_seed(cfg)}
 
     def embed_for_estep(self, x: torch.Tensor) -> torch.Tensor:
         """The online encoder's L2-normalized output (a fresh eval-mode pass; see the module docstring)."""
@@ -65,31 +73,37 @@ class DeepClusterV2(Method):
         if len(prototypes) != len(self.prototypes):
             raise ValueError(f"expected {len(self.prototypes)} granularities (estep.num_clusters), "
                              f"got {len(prototypes)}")
-        for head, (assignments, centroids, _) in zip(self.prototypes, prototypes, strict=True):
-            if centroids.shape != head.weight.shape:
-                raise ValueError(f"centroids of shape {tuple(centroids.shape)} do not fit the prototype head "
+        for head, p in zip(self.prototypes, prototypes, strict=True):
+            if p.centroids.shape != head.weight.shape:
+                raise ValueError(f"centroids of shape {tuple(p.centroids.shape)} do not fit the prototype head "
                                  f"{tuple(head.weight.shape)}")
-            assigned = assignments[assignments != IGNORE_INDEX]
-            filled = torch.bincount(assigned, minlength=head.out_features) > 0
-            head.weight.copy_(torch.where(filled[:, None], centroids.to(head.weight), head.weight))
+            assigned = p.assignments[p.assignments != IGNORE_INDEX]  # (N',)
+            filled = torch.bincount(assigned, minlength=head.out_features) > 0  # (k,)
+            head.weight.copy_(torch.where(filled[:, None], p.centroids.to(head.weight), head.weight))  # (k, d)
 
     def training_loss(self, online, views, index, prototypes=None, generator=None, epoch=0):
         if prototypes is None:
             raise RuntimeError(warmup_error(self.cfg.train.warmup_epochs))
         if len({tuple(v.shape[1:]) for v in views}) != 1:
             raise ValueError("deepcluster: every view must have the same shape (one forward over all crops)")
-        z = online(torch.cat(views))  # crop-major: rows [c*B, (c+1)*B) are crop c of the batch
-        self.stream_embedding = z[: views[0].shape[0]].detach()  # the memory bank of the reference
+        z = online(torch.cat(views))  # z: (C·B, d), crop-major: rows [c*B, (c+1)*B) are crop c of the batch
         losses, accs = [], []
-        for head, (assignments, _, _) in zip(self.prototypes, prototypes, strict=True):
-            targets = assignments[index].repeat(len(views))
+        for head, p in zip(self.prototypes, prototypes, strict=True):
+            targets = p.assignments[index].repeat(len(views))  # (C·B,)
+            # logits: (C·B, k) = z · Pᵀ / τ
             loss, logits = prototype_ce(z, head.weight, targets, self.temperature, ignore_index=IGNORE_INDEX)
             losses.append(loss)
             keep = targets != IGNORE_INDEX
             accs.append(accuracy(logits.detach()[keep], targets[keep]))
-        loss = torch.stack(losses).mean()
-        metrics = {"loss/proto_ce": float(loss.detach()), "acc/proto": sum(accs) / len(accs)}
-        return loss, metrics
+        loss = torch.stack(losses).mean()  # mean over granularities
+        metrics = {"loss/proto_ce": loss.detach(), "acc/proto": sum(accs) / len(accs)}
+        # the first crop's embeddings (B, d): the reference's memory bank (estep.features=stream)
+        return LossResult(loss, metrics, stream_embedding=z[: views[0].shape[0]].detach())
+
+
+def run_seed(cfg) -> int:
+    """The base of the per-epoch k-means seeds: one number of ``(train.seed, estep.seed)``."""
+    return int(np.random.SeedSequence([cfg.train.seed, cfg.estep.seed]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def warmup_error(warmup_epochs: int) -> str:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..losses import accuracy, proto_nce_multi, resolve_proto_form
+from ..losses import proto_nce_multi, resolve_proto_form
+from .base import LossResult, batch_accuracy
 from .moco import MoCo
+
+if TYPE_CHECKING:
+    from ..estep.prototypes import PrototypeTensors
 
 
 class PCL(MoCo):
@@ -20,16 +26,18 @@ class PCL(MoCo):
                                                        cfg.method.num_negative_prototypes)
                 for k in cfg.estep.num_clusters}
 
-    def training_loss(self, online, views, index, prototypes=None, generator=None, epoch=0):
-        q, loss, metrics = self.contrast(online, views)
+    def training_loss(self, online, views, index, prototypes: "list[PrototypeTensors] | None" = None,
+                      generator=None, epoch=0) -> LossResult:
+        q, result = self.contrast(online, views)  # q: BxC
         if prototypes is None:  # warm-up: InfoNCE only (no proto accuracy is reported, rather than a fake 0)
-            return loss, metrics
-        assignments = [a[index] for a, _, _ in prototypes]
-        centroids = [c for _, c, _ in prototypes]
-        phis = [p for _, _, p in prototypes]
+            return result
+        assignments = [p.assignments[index] for p in prototypes]  # per granularity m: B cluster ids in [0, k_m)
+        centroids = [p.centroids for p in prototypes]  # per m: k_m x C, unit rows
+        phis = [p.concentration for p in prototypes]  # per m: k_m, φ of each centroid
         if self.method_cfg.fixed_proto_temperature:  # ablation: one fixed temperature instead of φ
-            phis = [torch.full_like(p, self.method_cfg.temperature) for p in phis]
-        ploss, outs, forms = proto_nce_multi(
+            phis = [torch.full_like(phi, self.method_cfg.temperature) for phi in phis]
+        # ploss: 0-d mean over granularities; outs: per m (logits Bx(1+r) or Bxk_m, targets B)
+        ploss, outs, _ = proto_nce_multi(
             q,
             assignments,
             centroids,
@@ -38,7 +46,7 @@ class PCL(MoCo):
             form=self.method_cfg.proto_form,
             generator=generator,
         )
-        metrics["loss/proto_nce"] = float(ploss.detach())
-        metrics["acc/proto"] = sum(accuracy(lg, tg) for lg, tg in outs) / len(outs)
-        self.last_forms = forms
-        return loss + self.method_cfg.proto_weight * ploss, metrics
+        result.metrics["loss/proto_nce"] = ploss.detach()
+        result.metrics["acc/proto"] = torch.stack([batch_accuracy(lg, tg) for lg, tg in outs]).mean()
+        result.loss = result.loss + self.method_cfg.proto_weight * ploss
+        return result

@@ -8,10 +8,10 @@ import torch
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from ..losses import accuracy, nt_xent
+from ..losses import nt_xent
 from ..models import Encoder, build_encoder
 from ..models.collectives import world
-from .base import Method
+from .base import LossResult, Method, batch_accuracy
 
 
 class SimCLRNet(nn.Module):
@@ -26,15 +26,15 @@ class SimCLRNet(nn.Module):
         self.encoder = encoder
 
     def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encoder(torch.cat([x_a, x_b]))
-        return z[: x_a.shape[0]], z[x_a.shape[0] :]
+        z = self.encoder(torch.cat([x_a, x_b]))  # z: 2BxC, rows [0, B) view a, [B, 2B) view b
+        return z[: x_a.shape[0]], z[x_a.shape[0] :]  # z_a: BxC, z_b: BxC
 
 
 def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     """All ranks' ``t`` concatenated along dim 0; gradients flow back to each rank's own rows."""
     with warnings.catch_warnings():  # torch 2.14 deprecates it for a private replacement; keep the public API
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather is deprecated")
-        return torch.cat(dist_nn.all_gather(t))
+        return torch.cat(dist_nn.all_gather(t))  # (world·B)xC
 
 
 def global_nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float):
@@ -60,7 +60,8 @@ class SimCLR(Method):
         self.encoder = build_encoder(cfg.model, in_channels)
         self.net = SimCLRNet(self.encoder)
 
-    def training_loss(self, online, views, index, prototypes=None, generator=None, epoch=0):
-        z_a, z_b = online(views[0], views[1])
+    def training_loss(self, online, views, index, prototypes=None, generator=None, epoch=0) -> LossResult:
+        z_a, z_b = online(views[0], views[1])  # z_a, z_b: BxC, unit rows
+        # logits: 2Bx2N (N = world·B, own column -inf); targets: 2B, the column of each row's positive
         loss, logits, targets = global_nt_xent(z_a, z_b, self.temperature)
-        return loss, {"loss/nt_xent": float(loss.detach()), "acc/instance": accuracy(logits, targets)}
+        return LossResult(loss, {"loss/nt_xent": loss.detach(), "acc/instance": batch_accuracy(logits, targets)})

@@ -1,9 +1,11 @@
 """SwAV: online Sinkhorn codes, swapped prediction between multi-crop views (Caron et al., 2020).
 
-Follows the reference ``main_swav.py`` (facebookresearch/swav) (README "Methods"):
+Follows the reference ``main_swav.py`` (facebookresearch/swav); docs/DESIGN.md, "SwAV", lists the differences:
 
 - crops 0 and 1 are the two large crops; the others are small (multi-crop). Crops of equal
-  resolution go through the encoder as one batch (one BN batch per resolution group);
+  resolution go through the backbone as one batch (one BN batch per resolution group), then the
+  projection head (Linear-BN-ReLU-Linear, as the reference) runs once on every crop's features;
+- τ defaults to 0.1 (the reference's) when ``method.temperature`` is not given (``config.METHOD_TEMPERATURES``);
 - prototypes are a bias-free linear layer whose rows are re-normalized before every
   forward (under ``no_grad``), so scores are cosine similarities;
 - codes come from the large crops' scores under ``no_grad`` via Sinkhorn over the global
@@ -25,7 +27,7 @@ from torch import nn
 from ..losses import sinkhorn, swapped_prediction_loss
 from ..models import Encoder, build_encoder
 from ..models.collectives import world
-from .base import Method, ViewSpec, unwrap
+from .base import LossResult, Method, ViewSpec, unwrap
 
 #: the crops whose codes are computed (``crops_for_assign`` in the reference): the large ones.
 NUM_LARGE_CROPS = 2
@@ -69,8 +71,10 @@ class SwAVNet(nn.Module):
     def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings ``(n_crops·B, d)`` (L2-normalized) and prototype scores ``(n_crops·B, K)``, crop-major."""
         self.normalize_prototypes()
-        z = torch.cat([self.encoder(torch.cat(group)) for group in resolution_groups(crops)])
-        return z, self.prototypes(z)
+        # h: (n_crops·B, D) backbone features, one backbone pass per resolution group
+        h = torch.cat([self.encoder.backbone(torch.cat(group)) for group in resolution_groups(crops)])
+        z = F.normalize(self.encoder.head(h), dim=1)  # z: (n_crops·B, d), one head pass (its BN sees every crop)
+        return z, self.prototypes(z)  # scores: (n_crops·B, K) cosine similarities
 
 
 class SwAV(Method):
@@ -81,7 +85,7 @@ class SwAV(Method):
         super().__init__(cfg)
         self.swav_cfg = cfg.method.swav
         self.temperature = cfg.method.temperature
-        self.encoder = build_encoder(cfg.model, in_channels)
+        self.encoder = build_encoder(cfg.model, in_channels)  # model.head_bn: true (config)
         self.net = SwAVNet(self.encoder, cfg.model.feature_dim, self.swav_cfg.num_prototypes)
         # Per-worker queue of past large-crop embeddings, allocated when it activates. Not part of
         # the state dict (each worker's queue holds its own shard's samples): every rank saves its own
@@ -110,22 +114,22 @@ class SwAV(Method):
         if len(views) < NUM_LARGE_CROPS:
             raise ValueError(f"SwAV needs at least {NUM_LARGE_CROPS} crops, got {len(views)}")
         b = views[0].shape[0]
-        z, scores = online(views)
-        scores_per_crop = scores.split(b)
-        codes, used_queue = self._codes(unwrap(online), z, scores_per_crop, b, epoch)
+        z, scores = online(views)  # z: (n_crops·B, d), scores: (n_crops·B, K)
+        scores_per_crop = scores.split(b)  # n_crops x (B, K)
+        codes, used_queue = self._codes(unwrap(online), z, scores_per_crop, b, epoch)  # 2 x (B, K), rows sum to 1
         loss = swapped_prediction_loss(scores_per_crop, codes, self.temperature)
         value = float(loss.detach())
         self._track_collapse(value, epoch)
         with torch.no_grad():
-            q = codes[0]
+            q = codes[0]  # q: (B, K)
             entropy = -(q * torch.log(q.clamp_min(1e-12))).sum(dim=1).mean()
             metrics = {
-                "loss/swav": value,
+                "loss/swav": loss.detach(),
                 "codes/distinct": float(q.argmax(dim=1).unique().numel()),
-                "codes/entropy": float(entropy),
+                "codes/entropy": entropy,
                 "codes/queue_used": float(used_queue),
             }
-        return loss, metrics
+        return LossResult(loss, metrics)
 
     @torch.no_grad()
     def _codes(self, net: SwAVNet, z: torch.Tensor, scores_per_crop, b: int, epoch: int):
@@ -137,8 +141,8 @@ class SwAV(Method):
         use_queue = queue is not None and self._queue_filled >= queue.shape[1]
         codes = []
         for i in range(NUM_LARGE_CROPS):
-            out = scores_per_crop[i].detach()
-            if use_queue:
+            out = scores_per_crop[i].detach()  # (B, K)
+            if use_queue:  # (L + B, K): the queue's scores first
                 out = torch.cat([queue[i] @ net.prototypes.weight.t(), out])
             codes.append(sinkhorn(out, s.epsilon, s.sinkhorn_iterations, world_size=ws, all_reduce=all_reduce)[-b:])
         if queue is not None:  # FIFO: newest embeddings first, as in the reference

@@ -10,12 +10,14 @@ from .backbones import build_backbone
 
 
 class ProjectionHead(nn.Module):
-    """Linear head (MoCo v1 / PCL v1) or a 2-layer MLP head (MoCo v2 / PCL v2)."""
+    """Linear head (MoCo v1 / PCL v1) or a 2-layer MLP head (MoCo v2 / PCL v2); ``bn`` puts a BatchNorm after
+    the hidden layer (Linear-BN-ReLU-Linear, SwAV's and DeepCluster-v2's head)."""
 
-    def __init__(self, in_dim: int, out_dim: int, mlp: bool):
+    def __init__(self, in_dim: int, out_dim: int, mlp: bool, bn: bool = False):
         super().__init__()
         if mlp:
-            self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+            hidden = [nn.Linear(in_dim, in_dim)] + ([nn.BatchNorm1d(in_dim)] if bn else [])
+            self.net = nn.Sequential(*hidden, nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
         else:
             self.net = nn.Linear(in_dim, out_dim)
 
@@ -25,10 +27,10 @@ class ProjectionHead(nn.Module):
 
 class Encoder(nn.Module):
     def __init__(self, backbone: str, in_channels: int, feature_dim: int = 128, mlp_head: bool = True, width: int = 32,
-                 small_stem: bool = True):
+                 small_stem: bool = True, head_bn: bool = False):
         super().__init__()
         self.backbone, self.backbone_dim = build_backbone(backbone, in_channels, width, small_stem)
-        self.head = ProjectionHead(self.backbone_dim, feature_dim, mlp_head)
+        self.head = ProjectionHead(self.backbone_dim, feature_dim, mlp_head, bn=head_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalized embedding (the space where contrast and clustering happen)."""
@@ -40,5 +42,6 @@ class Encoder(nn.Module):
 
 
 def build_encoder(model_cfg, in_channels: int) -> Encoder:
+    """``model.head_bn`` (resolved per method by the config: SwAV, DeepCluster-v2) gives Linear-BN-ReLU-Linear."""
     return Encoder(model_cfg.backbone, in_channels, model_cfg.feature_dim, model_cfg.mlp_head, model_cfg.width,
-                   small_stem=model_cfg.stem == "small")
+                   small_stem=model_cfg.stem == "small", head_bn=bool(getattr(model_cfg, "head_bn", False)))

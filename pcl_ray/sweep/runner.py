@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ConfigError, _flatten, build_config
-from ..registry import check_name
+from ..registry import check_name, run_storage
 from ..storage import Storage
 from ..tracking import RunLogger, ensure_experiment, redact, resolve_uri
 from .report import (
@@ -368,7 +368,6 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, resume: str | None = 
 
     from ..distributed.connect import alive_nodes, check_multi_node
     from ..tracking import check_tracking
-    from ..workflow import run_storage
 
     if spec.tune.name is not None:
         check_name(spec.tune.name, "tune.name")

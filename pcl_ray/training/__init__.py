@@ -4,8 +4,18 @@ Nothing here imports Ray; the Ray Train worker loop (:mod:`pcl_ray.distributed.w
 tests call the same functions.
 """
 
+from .embed import embed_shard
+from .metrics import EpochMetrics
+from .optim import build_optimizer, prepare_model, prepare_views
 from .plan import EpochPlan
 from .schedule import lr_at
+from .state import RANK_STATE_GLOB, STATE_FILE, load_state, rank_state_file, save_state
 from .step import Precision, resolve_precision, train_step
+from .stream import StreamedEmbeddings
+from .views import build_view_makers
 
-__all__ = ["EpochPlan", "Precision", "lr_at", "resolve_precision", "train_step"]
+__all__ = [
+    "EpochMetrics", "EpochPlan", "Precision", "RANK_STATE_GLOB", "STATE_FILE", "StreamedEmbeddings",
+    "build_optimizer", "build_view_makers", "embed_shard", "load_state", "lr_at", "prepare_model",
+    "prepare_views", "rank_state_file", "resolve_precision", "save_state", "train_step",
+]

@@ -1,0 +1,127 @@
+"""The `bench` part ``mfu``: how close the training step runs to the machine's own matmul peak.
+
+Measured in one process, back to back (:func:`pcl_ray.bench._alternating`):
+
+* the FLOPs of one training step per image (forward + backward, :class:`torch.utils.flop_counter.FlopCounterMode`
+  on a real :func:`~pcl_ray.training.step.train_step`, views made in advance);
+* the machine's fp32 matmul peak (square ``torch.mm``, the same threads), and the step's achieved FLOP/s as a
+  fraction of it (model FLOP utilisation, MFU);
+* the convolutions alone: every Conv2d of the encoder replayed on its own input shape (forward + backward),
+  their FLOP/s against the same peak: the ceiling the step cannot pass while the convolutions dominate;
+* step variants, alternated against the default: SGD with ``foreach=True`` and the model + views in
+  ``channels_last``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .training import Precision, train_step
+
+
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an fp32 (n, n) @ (n, n) matmul on ``device`` (best of ``repeats``)."""
+    import time
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _conv_inputs(net: nn.Module, run) -> list[tuple[nn.Conv2d, torch.Size]]:
+    """Every Conv2d of ``net`` with the input shape it sees during ``run()``."""
+    seen: list[tuple[nn.Conv2d, torch.Size]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0].shape)))
+             for m in net.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _conv_replay(convs: list[tuple[nn.Conv2d, torch.Size]], device: torch.device):
+    """A function running each recorded convolution alone, forward + backward, on random inputs."""
+    inputs = [(copy.deepcopy(conv).to(device), torch.randn(shape, device=device, requires_grad=True))
+              for conv, shape in convs]
+
+    def run():
+        for conv, x in inputs:
+            conv(x).sum().backward()
+
+    return run
+
+
+def bench_mfu(cfg, ds, method, device, prototypes, report, steps: int, alternating, batch) -> None:
+    from .training import build_view_makers
+
+    b = cfg.train.batch_size
+    images = batch(ds, b, seed=2).to(device)
+    index = torch.arange(images.shape[0], device=device)
+    epoch = cfg.train.warmup_epochs if prototypes is not None else 0
+    precision = Precision.for_device(cfg.train.precision, device)
+
+    def candidate(channels_last: bool, foreach: bool):
+        m = copy.deepcopy(method)
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
+        makers, _ = build_view_makers(m, cfg, ds)
+        gen = torch.Generator(device=device).manual_seed(0)
+        views = [v(images, generator=gen) for v in makers]
+        if channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        opt = torch.optim.SGD([p for p in m.net.parameters() if p.requires_grad], lr=cfg.train.lr,
+                              momentum=cfg.train.sgd_momentum, weight_decay=cfg.train.weight_decay, foreach=foreach)
+        m.net.train()
+        step_no = [0]
+
+        def step():
+            step_no[0] += 1
+            train_step(m, m.net, opt, views, index, prototypes, generator=gen, epoch=epoch,
+                       global_step=step_no[0], precision=precision)
+        return m, step
+
+    base_method, base = candidate(False, False)
+    _, fore = candidate(False, True)
+    _, cl = candidate(True, False)
+    base()  # warm-up (first-touch, oneDNN primitives) before counting
+    flops = _flops(base)
+    convs = _conv_inputs(base_method.net, base)
+    conv_run = _conv_replay(convs, device)
+    conv_flops = _flops(conv_run)
+    peak = matmul_peak(device)
+    t_base, t_fore, t_cl, t_conv = alternating([base, fore, cl, conv_run], steps, warmup=1)
+    peak = max(peak, matmul_peak(device))  # measured again after the steps: the better of the two
+    report.add("mfu", "step FLOPs per image (forward + backward)", flops / b / 1e6, "MFLOP")
+    report.add("mfu", "convolution share of the step's FLOPs", conv_flops / flops, "fraction")
+    report.add("mfu", "fp32 matmul peak (2048^2)", peak / 1e9, "GFLOP/s")
+    report.add("mfu", "training step, achieved", flops / t_base / 1e9, "GFLOP/s")
+    report.add("mfu", "training step MFU (achieved / matmul peak)", flops / t_base / peak, "fraction")
+    report.add("mfu", "convolutions alone (fwd + bwd), achieved / matmul peak", conv_flops / t_conv / peak,
+               "fraction")
+    report.add("mfu", "convolutions' share of the step's time", t_conv / t_base, "fraction")
+    report.add("mfu", "speed-up SGD foreach=True / default", t_base / t_fore, "x")
+    report.add("mfu", "speed-up channels_last / default", t_base / t_cl, "x")
