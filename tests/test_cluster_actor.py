@@ -157,3 +157,35 @@ def test_label_agreement_comes_after_the_prototypes_and_reaches_the_epoch(ray_lo
         assert fetch_health(actor, 99, timeout_s=1.0) == {}  # an epoch the actor never ran
     finally:
         ray.kill(actor)
+
+
+def test_warm_start_begins_each_epoch_from_the_previous_epochs_centroids(ray_local):
+    """estep.warm_start: epoch 1 starts cold, epoch 2 starts from epoch 1's published centroids."""
+    ray = ray_local
+    from pcl_ray.distributed.cluster_actor import start_cluster_actor
+
+    first = _features()
+    rng = np.random.default_rng(1)
+    drifted = first + 0.3 * rng.normal(size=first.shape).astype(np.float32)  # the next epoch's embeddings
+    drifted /= np.linalg.norm(drifted, axis=1, keepdims=True)
+    actor = start_cluster_actor("t-warm", len(first), first.shape[1], {**ESTEP, "warm_start": True, "warm_niter": 2})
+    try:
+        psets = []
+        for epoch, feats in ((1, first), (2, drifted)):
+            _submit_all(ray, actor, epoch, feats)
+            reply = ray.get(actor.wait_prototypes.remote(epoch, 0, 30.0))
+            psets.append(ray.get(reply["ref"][0]))
+        cold1 = run_estep(first, epoch=1, **ESTEP)
+        for got, want in zip(psets[0].granularities, cold1.granularities):  # no previous epoch: cold
+            np.testing.assert_array_equal(got.assignments, want.assignments)
+        init = [g.centroids for g in psets[0].granularities]
+        warm = run_estep(drifted, epoch=2, init_centroids=init, warm_niter=2, **ESTEP)
+        cold2 = run_estep(drifted, epoch=2, **ESTEP)
+        # the check below can only tell warm from cold if the two differ on these embeddings
+        assert any(not np.allclose(w.centroids, c.centroids, atol=1e-4)
+                   for w, c in zip(warm.granularities, cold2.granularities))
+        for got, want in zip(psets[1].granularities, warm.granularities):
+            np.testing.assert_array_equal(got.assignments, want.assignments)
+            np.testing.assert_allclose(got.centroids, want.centroids, rtol=1e-5, atol=1e-6)
+    finally:
+        ray.kill(actor)

@@ -135,11 +135,14 @@ def estep_kwargs(cfg: ExperimentConfig, gpu: bool) -> dict:
         "alpha": cfg.estep.alpha,
         "backend": "gpu" if gpu else "cpu",
         "num_threads": cfg.estep.num_threads,
-        "warm_start": cfg.estep.warm_start,  # the actor's own option: it holds the previous centroids
-        "warm_niter": cfg.estep.warm_niter,
         # what the method asks of its E-step (PCA-whitening, a new k-means seed each epoch): docs/DESIGN.md
         **_method_class(cfg).estep_options(cfg),
     }
+
+
+def warm_start_kwargs(cfg: ExperimentConfig) -> dict:
+    """The cluster actor's warm-start option (it holds the previous epoch's centroids; ``estep.warm_start``)."""
+    return {"warm_start": cfg.estep.warm_start, "warm_niter": cfg.estep.warm_niter}
 
 
 def _method_class(cfg: ExperimentConfig):
@@ -178,7 +181,8 @@ def fit(cfg: ExperimentConfig, run_name: str, storage: Storage, num_samples: int
             warning = cpu_estep_warning(cfg, num_samples, int(cfg.estep.num_threads or os.cpu_count() or 1))
             if warning:
                 print(f"[pcl-ray] warning: {warning}", flush=True)
-        actor = start_cluster_actor(run_name, num_samples, estep_dim(cfg), estep_kwargs(cfg, plan.backend == "gpu"),
+        kwargs = {**estep_kwargs(cfg, plan.backend == "gpu"), **warm_start_kwargs(cfg)}
+        actor = start_cluster_actor(run_name, num_samples, estep_dim(cfg), kwargs,
                                     num_cpus=cfg.ray.actor_cpus, num_gpus=gpus, labels=labels)
     trainer = TorchTrainer(
         train_loop,

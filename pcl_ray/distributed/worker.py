@@ -36,6 +36,8 @@ from ..training import (
     StreamedEmbeddings,
     build_view_makers,
     embed_shard,
+    host_crop_spec,
+    host_cropped_batches,
     load_state,
     lr_at,
     rank_state_file,
@@ -89,6 +91,7 @@ class Worker:
     actor: Any = None  #: the cluster actor (methods with an E-step)
     online_knn: Any = None  #: rank 0, ``eval.online_every``
     tracker: Any = None  #: rank 0, MLflow
+    crop_spec: Any = None  #: lazily decoded splits: the crop taken from the full image in loader processes
     kill_at: Any = field(default=None)  #: test-only fault injection; None in every real run
 
     @property
@@ -126,7 +129,8 @@ def set_up(loop_config: dict) -> Worker:
     ds = load_split(cfg.data, "train")
     method = build_method(cfg, ds.channels, generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
     prepare_model(method, cfg, device)  # train.channels_last / train.compile
-    view_makers, views = build_view_makers(method, cfg, ds)
+    crop_spec = host_crop_spec(method, cfg, ds)  # lazily decoded splits crop from the full image
+    view_makers, views = build_view_makers(method, cfg, ds, crop_on_device=crop_spec is None)
     online = ray.train.torch.prepare_model(method.net)
     optimizer = build_optimizer(cfg, unwrap(online).parameters())
     precision = Precision.for_device(cfg.train.precision, device)
@@ -134,7 +138,7 @@ def set_up(loop_config: dict) -> Worker:
     # The epoch's global batches depend on (seed, epoch) only; this rank takes its columns of each.
     plan = EpochPlan(len(ds), cfg.train.batch_size, cfg.train.seed, 0)  # sizes only: the same every epoch
     w = Worker(cfg, loop_config, rank, world, device, ds, method, online, optimizer, precision, view_makers,
-               views, plan.local_batch(world), plan.steps, kill_at=injected_kill())
+               views, plan.local_batch(world), plan.steps, crop_spec=crop_spec, kill_at=injected_kill())
     if rank == 0 and world != cfg.ray.num_workers:
         say(f"training on {world} of up to {cfg.ray.num_workers} workers (elastic): same global batches, "
             f"{w.local_bs} images per worker")
@@ -233,8 +237,12 @@ def mstep(w: Worker, epoch: int, prototypes: list[PrototypeTensors] | None, glob
                and cfg.train.warmup_epochs <= epoch + 1 < cfg.train.epochs)
     collecting = StreamedEmbeddings(epoch, w.steps_per_epoch * w.local_bs) if collect else None
     order = EpochPlan(w.n, cfg.train.batch_size, cfg.train.seed, epoch).rank_indices(w.rank, w.world)
-    batches = iterate_batches(w.ds, order, w.local_bs, shuffle=False, seed=0, drop_last=True,
-                              loader_workers=cfg.data.views.loader_workers)
+    if w.crop_spec is not None:  # B×V×C×S×S: view i of every image, cropped from its full decoded image
+        batches = host_cropped_batches(w.ds, order, w.local_bs, w.crop_spec, len(w.view_makers),
+                                       seed=cfg.train.seed, epoch=epoch, loader_workers=cfg.data.views.loader_workers)
+    else:  # B×C×H×W: the views are cropped on the device
+        batches = iterate_batches(w.ds, order, w.local_bs, shuffle=False, seed=0, drop_last=True,
+                                  loader_workers=cfg.data.views.loader_workers)
     sums = EpochMetrics()  # device-side sums: no host sync per step
     seen, lr = 0, lr_at(cfg, epoch, 0, w.steps_per_epoch)
     t_epoch = time.perf_counter()
@@ -245,7 +253,11 @@ def mstep(w: Worker, epoch: int, prototypes: list[PrototypeTensors] | None, glob
         for group in w.optimizer.param_groups:
             group["lr"] = lr
         images = images.to(w.device, non_blocking=True)  # BxCxHxW
-        batch_views = prepare_views([make(images, generator=gen) for make in w.view_makers], cfg)
+        if w.crop_spec is not None:
+            raw = [images[:, i] for i in range(len(w.view_makers))]  # V × (B×C×S×S)
+        else:
+            raw = [images] * len(w.view_makers)
+        batch_views = prepare_views([make(x, generator=gen) for make, x in zip(w.view_makers, raw)], cfg)
         result = train_step(w.method, w.online, w.optimizer, batch_views, index.to(w.device), prototypes,
                             generator=gen, epoch=epoch, global_step=global_step, precision=w.precision)
         if collecting is not None:

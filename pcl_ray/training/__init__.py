@@ -12,10 +12,10 @@ from .schedule import lr_at
 from .state import RANK_STATE_GLOB, STATE_FILE, load_state, rank_state_file, save_state
 from .step import Precision, resolve_precision, train_step
 from .stream import StreamedEmbeddings
-from .views import build_view_makers
+from .views import build_view_makers, host_crop_spec, host_cropped_batches
 
 __all__ = [
     "EpochMetrics", "EpochPlan", "Precision", "RANK_STATE_GLOB", "STATE_FILE", "StreamedEmbeddings",
-    "build_optimizer", "build_view_makers", "embed_shard", "load_state", "lr_at", "prepare_model",
+    "build_optimizer", "build_view_makers", "embed_shard", "host_crop_spec", "host_cropped_batches", "load_state", "lr_at", "prepare_model",
     "prepare_views", "rank_state_file", "resolve_precision", "save_state", "train_step",
 ]
