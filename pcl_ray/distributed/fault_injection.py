@@ -1,4 +1,4 @@
-"""Test-only fault injection for the Train worker loop (used by tests/test_faults_worker.py).
+"""Test-only fault injection for the Train worker loop (used by tests/distributed/test_faults_worker.py).
 
 A file named :data:`KILL_FILE` in the run's folder of the storage (``<ray.storage_path>/<run name>/``),
 holding ``EPOCH:STEP:RANK`` (0-based epoch and step), makes that rank's worker process exit with status 1

@@ -48,7 +48,7 @@ from ..training import (
     train_step,
 )
 from .cluster_actor import NAMESPACE, actor_name
-from .fault_injection import injected_kill, kill_if_due  # test-only (tests/test_faults_worker.py)
+from .fault_injection import injected_kill, kill_if_due  # test-only (tests/distributed/test_faults_worker.py)
 from .handoff import fetch_health, fetch_prototypes
 
 __all__ = ["STATE_FILE", "say", "train_loop"]
@@ -247,7 +247,7 @@ def mstep(w: Worker, epoch: int, prototypes: list[PrototypeTensors] | None, glob
     seen, lr = 0, lr_at(cfg, epoch, 0, w.steps_per_epoch)
     t_epoch = time.perf_counter()
     for step, (images, index) in enumerate(batches):
-        if w.kill_at is not None:  # test-only: tests/test_faults_worker.py kills this worker here
+        if w.kill_at is not None:  # test-only: tests/distributed/test_faults_worker.py kills this worker here
             kill_if_due(w.kill_at, epoch, step, w.rank)
         lr = lr_at(cfg, epoch, step, w.steps_per_epoch)
         for group in w.optimizer.param_groups:

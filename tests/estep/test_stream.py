@@ -18,7 +18,7 @@ from pcl_ray.estep.prototypes import PrototypeTensors
 from pcl_ray.training import StreamedEmbeddings
 from pcl_ray.training import EpochPlan
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(("n", "world", "batch"), [(1500, 2, 128), (1797, 3, 150), (1000, 1, 128), (640, 2, 128)])

@@ -9,7 +9,7 @@ import pytest
 
 from pcl_ray.config import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.ray
 
 TIMING = ("time/", "throughput/", "estep/seconds")  # wall-clock numbers differ by nature

@@ -10,7 +10,7 @@ import pytest
 from pcl_ray.config import load_config
 from pcl_ray.distributed.fault_injection import KILL_FILE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.ray
 
 

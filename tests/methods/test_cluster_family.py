@@ -16,7 +16,7 @@ from pcl_ray.estep.prototypes import PrototypeTensors
 from pcl_ray.methods import build_method
 from pcl_ray.training import train_step
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ROOT / "pipelines" / "digits_tiny.yaml"
 BATCH = 128
 

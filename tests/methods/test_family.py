@@ -16,7 +16,7 @@ from pcl_ray.methods.simclr import SimCLR
 from pcl_ray.methods.swav import SwAV
 from pcl_ray.training import train_step
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "pipelines" / "digits_tiny.yaml"
 BATCH = 64
 #: digits are 8x8: small multi-crop views of 6x6 pixels
