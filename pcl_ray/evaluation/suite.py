@@ -35,6 +35,7 @@ only, and the test labels only score the chosen model.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..console import progress
 from ..config import EVAL_SUITES, ExperimentConfig
 from ..data import IndexedImages, load_split
 from ..models import Encoder
@@ -248,7 +250,9 @@ def run_suite(
 def score(ctx: SuiteContext, names: Sequence[str]) -> dict[str, dict[str, float]]:
     """Run the suites ``names`` (valid names, see :func:`parse_suites`) on ``ctx``: ``{suite: {metric: value}}``."""
     results: dict[str, dict[str, float]] = {}
-    for name in names:
+    # a rich progress bar in a terminal; in a log file the per-suite lines below are the progress
+    steps = progress(names, "evaluation") if sys.stdout.isatty() else names
+    for name in steps:
         start = time.perf_counter()
         results[name] = {k: float(v) for k, v in _RUNNERS[name](ctx).items()}
         ctx.log(f"[pcl-ray] eval {name}: done in {time.perf_counter() - start:.1f}s")
