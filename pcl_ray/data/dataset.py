@@ -46,12 +46,23 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 
 
-def resize_center_crop_pil(img: Image.Image, size: int) -> Image.Image:
-    """Resize so that the shorter side is ``size`` (bilinear, antialiased), then centre-crop
-    a ``size×size`` square."""
+#: The evaluation view of lazily decoded images: the shorter side resized to ``size · 256/224``, then the
+#: centre ``size×size`` crop; at 224 this is the ImageNet protocol's Resize(256) → CenterCrop(224).
+EVAL_RESIZE_RATIO = 256 / 224
+
+
+def eval_resize(size: int) -> int:
+    """The shorter side an image is resized to before its ``size×size`` centre crop (256 for 224)."""
+    return int(round(size * EVAL_RESIZE_RATIO))
+
+
+def resize_center_crop_pil(img: Image.Image, size: int, resize: int | None = None) -> Image.Image:
+    """Resize so that the shorter side is ``resize`` (default ``size``; bilinear, antialiased), then
+    centre-crop a ``size×size`` square."""
     w, h = img.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
+    resize = max(int(resize or size), size)
+    if (w, h) != (size, size) or resize != size:
+        scale = resize / min(w, h)
         new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
@@ -129,11 +140,15 @@ class LazyDecoder:
     #: How many following items a skipped bad item may try before giving up.
     MAX_SUBSTITUTE_TRIES = 16
 
-    def __init__(self, items: Sequence[Any], size: int, channels: int, *, skip_bad: bool = False) -> None:
+    def __init__(self, items: Sequence[Any], size: int, channels: int, *, skip_bad: bool = False,
+                 eval_view: bool = True) -> None:
         self.items = items
         self.size = size
         self.channels = channels
         self.skip_bad = bool(skip_bad)
+        #: True: item i is the evaluation view (shorter side to size·256/224, centre crop); False: the
+        #: shorter side to size, centre crop (decoding same-size images into memory at their own size)
+        self.eval_view = bool(eval_view)
         self._warned: set[int] = set()
 
     def __len__(self) -> int:
@@ -164,10 +179,12 @@ class LazyDecoder:
     def decode(self, i: int) -> torch.Tensor:
         """Item ``i`` as a tensor; raises whatever the image library raises on a bad item."""
         mode = "L" if self.channels == 1 else "RGB"
+        # the evaluation view: Resize(256) → CenterCrop(224) at 224
+        resize = eval_resize(self.size) if self.eval_view else self.size
         with self.open(self.items[i]) as img:
-            img.draft(mode, (self.size, self.size))  # JPEG: decode at a reduced scale ≥ size
+            img.draft(mode, (resize, resize))  # JPEG: decode at a reduced scale ≥ the resize
             img = img.convert(mode)
-        return pil_to_tensor(resize_center_crop_pil(img, self.size), self.channels)
+        return pil_to_tensor(resize_center_crop_pil(img, self.size, resize), self.channels)
 
     def bad_image(self, i: int, exc: BaseException) -> BadImageError:
         """The error for item ``i`` failing to decode with ``exc``."""
@@ -183,7 +200,8 @@ class LazyDecoder:
 
     def take(self, n: int) -> LazyDecoder:
         """The decoder restricted to the first ``n`` items."""
-        return type(self)(self.items[:n], self.size, self.channels, skip_bad=self.skip_bad)
+        return type(self)(self.items[:n], self.size, self.channels, skip_bad=self.skip_bad,
+                          eval_view=self.eval_view)
 
 
 class FileDecoder(LazyDecoder):
@@ -204,8 +222,8 @@ class BytesDecoder(LazyDecoder):
     """
 
     def __init__(self, items: Sequence[Any], size: int, channels: int, *, skip_bad: bool = False,
-                 origins: Sequence[tuple[str, int]] = ()) -> None:
-        super().__init__(items, size, channels, skip_bad=skip_bad)
+                 eval_view: bool = True, origins: Sequence[tuple[str, int]] = ()) -> None:
+        super().__init__(items, size, channels, skip_bad=skip_bad, eval_view=eval_view)
         self.origins = [(str(f), int(start)) for f, start in origins]
 
     def open(self, item: bytes) -> Image.Image:
@@ -224,7 +242,7 @@ class BytesDecoder(LazyDecoder):
 
     def take(self, n: int) -> BytesDecoder:
         return BytesDecoder(self.items[:n], self.size, self.channels, skip_bad=self.skip_bad,
-                            origins=[(f, s) for f, s in self.origins if s < n])
+                            eval_view=self.eval_view, origins=[(f, s) for f, s in self.origins if s < n])
 
 
 # --------------------------------------------------------------------------------------

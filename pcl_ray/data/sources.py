@@ -442,7 +442,7 @@ def load_parquet(cfg: Any, split: str) -> IndexedImages:
         # load_split resizes to data.image_size afterwards). A bad image fails here, skip_bad or not:
         # nothing is lost by asking for a clean file before training starts.
         w, h = next(iter(sizes)) if sizes else (1, 1)
-        decoder = BytesDecoder(blobs, min(w, h), channels, origins=origins)
+        decoder = BytesDecoder(blobs, min(w, h), channels, eval_view=False, origins=origins)
         tensor = torch.empty((len(blobs), channels, decoder.size, decoder.size), dtype=torch.uint8)
         for i in range(len(blobs)):
             tensor[i] = decoder[i]

@@ -124,3 +124,22 @@ def test_view_maker_skips_the_crop_on_pre_cropped_batches():
     assert maker(batch, generator=torch.Generator().manual_seed(0)).shape == (4, 3, 32, 32)
     with pytest.raises(ValueError, match="crop_on_device=False"):
         maker(torch.zeros(4, 3, 40, 40, dtype=torch.uint8))
+
+
+def test_the_eval_view_of_lazy_images_is_resize_256_then_center_crop_224(tmp_path):
+    """item i of a lazily decoded split is the ImageNet evaluation view: Resize(256) → CenterCrop(224)."""
+    from torchvision import transforms
+
+    rng = np.random.default_rng(7)
+    path = tmp_path / "wide.png"
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path)
+    got = FileDecoder([str(path)], 224, 3)[0]  # 3×224×224
+    with Image.open(path) as img:
+        want = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])(
+            img.convert("RGB"))
+    assert got.shape == (3, 224, 224)
+    assert torch.equal(got, want)
+    # decoding into memory at the images' own size keeps the whole image
+    same = FileDecoder([str(path)], 300, 3, eval_view=False)[0]
+    with Image.open(path) as img:
+        assert torch.equal(same, transforms.PILToTensor()(transforms.CenterCrop(300)(img.convert("RGB"))))
