@@ -22,6 +22,13 @@ def compile_enabled(cfg, device: torch.device | str) -> bool:
     return cfg.train.compile == "on"
 
 
+def channels_last_enabled(cfg, device: torch.device | str) -> bool:
+    """``train.channels_last``: as asked, or (None) on a GPU only."""
+    if cfg.train.channels_last is None:
+        return torch.device(device).type == "cuda"
+    return bool(cfg.train.channels_last)
+
+
 def prepare_model(method: nn.Module, cfg, device: torch.device | str) -> nn.Module:
     """Apply ``train.channels_last`` and ``train.compile`` to ``method`` in place (call once, after ``.to(device)``).
 
@@ -29,7 +36,7 @@ def prepare_model(method: nn.Module, cfg, device: torch.device | str) -> nn.Modu
     """
     from ..models.encoder import Encoder
 
-    if cfg.train.channels_last:
+    if channels_last_enabled(cfg, device):
         method.to(memory_format=torch.channels_last)
     if compile_enabled(cfg, device):
         for module in method.modules():
@@ -40,6 +47,6 @@ def prepare_model(method: nn.Module, cfg, device: torch.device | str) -> nn.Modu
 
 def prepare_views(views: list[torch.Tensor], cfg) -> list[torch.Tensor]:
     """The step's views in the model's memory format (each (B, C, H, W))."""
-    if not cfg.train.channels_last:
+    if not views or not channels_last_enabled(cfg, views[0].device):
         return views
     return [v.contiguous(memory_format=torch.channels_last) for v in views]

@@ -63,3 +63,18 @@ def test_epoch_metrics_average_tensors_and_floats():
     sums.add({"a": torch.tensor(3.0), "b": 4.0})
     assert sums.last("a") == 3.0
     assert sums.means() == {"a": 2.0, "b": 3.0}
+
+
+def test_channels_last_is_on_for_gpus_only_unless_asked():
+    from pcl_ray.training.optim import channels_last_enabled, prepare_views
+
+    auto = load_config(TINY, ["ray.num_workers=1"])
+    assert auto.train.channels_last is None
+    assert channels_last_enabled(auto, "cuda") and not channels_last_enabled(auto, "cpu")
+    on = load_config(TINY, ["ray.num_workers=1", "train.channels_last=true"])
+    assert channels_last_enabled(on, "cpu")
+    x = torch.rand(4, 3, 8, 8)  # 4x3x8x8, contiguous
+    (y,) = prepare_views([x], on)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, y)
+    (z,) = prepare_views([x], auto)  # auto on the CPU: left as it is
+    assert z is x
