@@ -88,3 +88,10 @@ def s3_server():
             proc.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The bad-input tests run first: they check that a refused command never starts Ray in this process,
+    which only holds before the first test that starts the session's local Ray (``ray_local``)."""
+    first = [item for item in items if item.path.name == "test_bad_input.py"]
+    items[:] = first + [item for item in items if item.path.name != "test_bad_input.py"]
