@@ -201,13 +201,12 @@ def _warm_start_rows(emb: np.ndarray, pset, kwargs: dict, cfg: ExperimentConfig,
 
 
 def bench_mstep(cfg: ExperimentConfig, ds, method, device, prototypes, report: BenchReport, steps: int) -> None:
-    from .training import Precision, build_view_makers, train_step
+    from .training import Precision, build_optimizer, build_view_makers, train_step
 
     makers, _ = build_view_makers(method, cfg, ds)
     net = method.net
     precision = Precision.for_device(cfg.train.precision, device)
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.train.lr,
-                                momentum=cfg.train.sgd_momentum, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(cfg, net.parameters())  # the run's optimizer, as the worker builds it
     images = _batch(ds, cfg.train.batch_size, seed=1).to(device)
     index = torch.arange(images.shape[0], device=device)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -18,7 +18,7 @@ def bench_epoch(cfg, ds, device, report, steps: int, alternating, batch, embed_s
     from .distributed.trainer import estep_kwargs
     from .estep import run_estep
     from .methods import build_method
-    from .training import Precision, build_view_makers, embed_shard, train_step
+    from .training import Precision, build_optimizer, build_view_makers, embed_shard, train_step
 
     if cfg.method.name != "pcl":
         report.info["epoch"] = f"skipped (the PCL/MoCo ratio needs method.name=pcl, got {cfg.method.name})"
@@ -40,8 +40,7 @@ def bench_epoch(cfg, ds, device, report, steps: int, alternating, batch, embed_s
         views = [v(images, generator=gen) for v in makers]
         if prototypes is not None:
             m.on_prototypes(prototypes)
-        opt = torch.optim.SGD([p for p in m.net.parameters() if p.requires_grad], lr=c.train.lr,
-                              momentum=c.train.sgd_momentum, weight_decay=c.train.weight_decay)
+        opt = build_optimizer(c, m.net.parameters())
         m.net.train()
         epoch = c.train.warmup_epochs if prototypes is not None else 0
         return m, eval_views, lambda: train_step(m, m.net, opt, views, index, prototypes, generator=gen,
