@@ -369,7 +369,10 @@ def run_compare(path: str | Path, overrides: list[str], seeds: list[int] | None 
     try:
         results: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
         pictures = EmbeddingPanels()
-        for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
+        # Seed-major: an interrupted comparison holds every entry at its first seeds, a comparable table.
+        order = [(e.label, s) for s in spec.seeds for e in spec.entries]
+        for i, (label, seed) in enumerate(order, 1):
+            cfg = configs[(label, seed)]
             run_name = f"{out.name}-{label}-s{seed}"
             done = out.rel("results", f"{label}-s{seed}.json")
             if storage.is_file(done):
