@@ -57,10 +57,12 @@ def prototype_ce(
     if not float(temperature) > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     _check_targets(targets, z.shape[0])
-    logits = z @ prototypes.to(z.dtype).t() / temperature
-    if not bool((targets != ignore_index).any()):
-        return _zero_like_graph(logits), logits
-    return F.cross_entropy(logits, targets.long(), ignore_index=ignore_index), logits
+    logits = z @ prototypes.to(z.dtype).t() / temperature  # (B, k)
+    # Mean over the labelled rows as sum / count: an exact 0 (in the graph) when every row is ignored, and
+    # no host sync to find that out.
+    kept = (targets != ignore_index).sum().clamp_min(1)  # 0-d
+    total = F.cross_entropy(logits, targets.long(), ignore_index=ignore_index, reduction="sum")  # 0-d
+    return total / kept, logits
 
 
 def symmetric_ce(
@@ -78,14 +80,15 @@ def symmetric_ce(
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (B, k), got shape {tuple(logits.shape)}")
     _check_targets(targets, logits.shape[0])
-    keep = targets != ignore_index
-    if not bool(keep.any()):
-        return _zero_like_graph(logits)
-    logits, targets = logits[keep], targets[keep].long()
-    ce = F.cross_entropy(logits, targets)
-    one_hot = F.one_hot(targets, logits.shape[1]).to(logits.dtype).clamp_(min=RCE_LABEL_FLOOR)
-    rce = -(logits.softmax(dim=1) * one_hot.log()).sum(dim=1).mean()
-    return alpha * ce + beta * rce
+    # Means over the labelled rows as masked sums / count: no boolean indexing (its size would need a host
+    # sync), and an exact 0 in the graph when every row is ignored.
+    keep = (targets != ignore_index).to(logits.dtype)  # (B,) 1 = labelled
+    count = keep.sum().clamp_min(1)  # 0-d
+    safe = torch.where(targets != ignore_index, targets, torch.zeros_like(targets)).long()  # (B,) in [0, k)
+    ce = F.cross_entropy(logits, safe, reduction="none")  # (B,)
+    one_hot = F.one_hot(safe, logits.shape[1]).to(logits.dtype).clamp_(min=RCE_LABEL_FLOOR)  # (B, k)
+    rce = -(logits.softmax(dim=1) * one_hot.log()).sum(dim=1)  # (B,)
+    return (alpha * (ce * keep).sum() + beta * (rce * keep).sum()) / count
 
 
 def pair_bce(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ def _check_temperature(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
-def _check_assignments(assignments: torch.Tensor, batch: int, num_clusters: int) -> None:
+def _check_assignments(assignments: torch.Tensor, batch: int, num_clusters: int, values: bool = True) -> None:
     if not isinstance(assignments, torch.Tensor):
         raise ValueError(f"assignments must be a torch.Tensor, got {type(assignments).__name__}")
     if assignments.dim() != 1 or assignments.shape[0] != batch:
@@ -60,7 +60,7 @@ def _check_assignments(assignments: torch.Tensor, batch: int, num_clusters: int)
         )
     if assignments.dtype.is_floating_point or assignments.dtype == torch.bool:
         raise ValueError(f"assignments must be an integer tensor, got dtype {assignments.dtype}")
-    if batch:
+    if batch and values:
         lo, hi = (int(v) for v in torch.aminmax(assignments))  # one device sync
         if lo < 0 or hi >= num_clusters:
             raise ValueError(
@@ -143,6 +143,9 @@ def sample_negative_clusters(
     device = assignments.device
     if num_negatives == 0:
         return torch.empty(0, dtype=torch.long, device=device)
+    sample_device = generator.device if generator is not None else device
+    if num_clusters > assignments.shape[0]:  # at least one cluster is free: a draw with no host sync
+        return _sample_free_clusters(assignments, num_clusters, num_negatives, generator, sample_device)
     free = torch.ones(num_clusters, dtype=torch.bool, device=device)
     free[assignments.long()] = False
     candidates = free.nonzero().squeeze(1)
@@ -152,12 +155,35 @@ def sample_negative_clusters(
             f"no negative prototypes left to sample: all {num_clusters} clusters are positives of "
             f"this batch; use form='full' (or 'auto'), more clusters, or a smaller batch"
         )
-    sample_device = generator.device if generator is not None else device
     if n_free >= num_negatives:
         idx = torch.randperm(n_free, generator=generator, device=sample_device)[:num_negatives]
     else:
         idx = torch.randint(n_free, (num_negatives,), generator=generator, device=sample_device)
     return candidates[idx.to(device)]
+
+
+def _sample_free_clusters(assignments: torch.Tensor, num_clusters: int, num_negatives: int,
+                          generator: torch.Generator | None, sample_device) -> torch.Tensor:
+    """:func:`sample_negative_clusters` when more clusters exist than batch rows, without reading anything
+    back to the host (the candidate count is data-dependent; ``nonzero`` would wait for the device).
+
+    Uniform random keys, positives' keys set below every free one: the top ``r`` keys are ``r`` free
+    clusters drawn uniformly without replacement. Slots that still hit a positive (fewer than ``r`` clusters
+    are free) are refilled by draws with replacement among the free clusters.
+    """
+    device = assignments.device
+    keys = torch.rand(num_clusters, generator=generator, device=sample_device).to(device)  # (k,) in [0, 1)
+    keys[assignments.long()] = -1.0  # (k,): positives rank last
+    top = keys.topk(min(num_negatives, num_clusters))  # (min(r, k),) distinct, free clusters first
+    if num_negatives <= num_clusters - assignments.shape[0]:  # enough free clusters whatever the batch
+        return top.indices
+    free = (keys >= 0).to(sample_device, torch.float32)  # (k,) 1 = free; at least one
+    refill = torch.multinomial(free, num_negatives, replacement=True, generator=generator).to(device)  # (r,)
+    picked = top.indices.new_zeros(num_negatives)  # (r,)
+    ok = torch.zeros(num_negatives, dtype=torch.bool, device=device)  # (r,)
+    picked[: top.indices.shape[0]] = top.indices
+    ok[: top.indices.shape[0]] = top.values >= 0
+    return torch.where(ok, picked, refill)  # (r,)
 
 
 def proto_nce(
@@ -169,8 +195,12 @@ def proto_nce(
     num_negatives: int,
     form: ProtoForm = "auto",
     generator: torch.Generator | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """Prototype-level InfoNCE for one granularity.
+
+    ``check_values=False`` skips the range check of ``assignments`` (a device sync per call); for callers
+    that checked them once where they came from (PCL checks each E-step's hand-off).
 
     ``"sampled"`` (reference PCL): columns are the B positive prototypes
     ``centroids[assignments]`` (column i is row i's positive) followed by
@@ -198,7 +228,7 @@ def proto_nce(
         raise ValueError(
             f"concentration must be a tensor of shape ({num_clusters},) (one φ per centroid), got {shape}"
         )
-    _check_assignments(assignments, batch, num_clusters)
+    _check_assignments(assignments, batch, num_clusters, values=check_values)
     if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 0:
         raise ValueError(f"num_negatives must be an int >= 0, got {num_negatives!r}")
     form_used = resolve_proto_form(form, num_clusters, batch, num_negatives)

@@ -48,11 +48,14 @@ class LossResult:
 
 
 @torch.no_grad()
-def batch_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def batch_accuracy(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Top-1 accuracy in percent as a detached 0-d tensor on the logits' device (no device sync per step;
-    :func:`pcl_ray.losses.accuracy` is the float version)."""
-    # logits: BxC, targets: B -> 0-d
-    return (logits.argmax(dim=1) == targets).float().mean() * 100.0
+    :func:`pcl_ray.losses.accuracy` is the float version). ``keep`` (B,) bool: count only those rows."""
+    hits = (logits.argmax(dim=1) == targets).float()  # logits: BxC, targets: B -> B
+    if keep is None:
+        return hits.mean() * 100.0  # 0-d
+    keep = keep.float()  # B
+    return (hits * keep).sum() * 100.0 / keep.sum().clamp_min(1)  # 0-d: 0 when no row is kept
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import accuracy, prototype_ce
+from ..losses import prototype_ce
 from ..models import build_encoder
-from .base import LossResult, Method
+from .base import LossResult, Method, batch_accuracy
 
 IGNORE_INDEX = -1
 
@@ -94,7 +94,7 @@ class DeepClusterV2(Method):
             loss, logits = prototype_ce(z, head.weight, targets, self.temperature, ignore_index=IGNORE_INDEX)
             losses.append(loss)
             keep = targets != IGNORE_INDEX
-            accs.append(accuracy(logits.detach()[keep], targets[keep]))
+            accs.append(batch_accuracy(logits.detach(), targets, keep))  # 0-d, over the labelled rows
         loss = torch.stack(losses).mean()  # mean over granularities
         metrics = {"loss/proto_ce": loss.detach(), "acc/proto": sum(accs) / len(accs)}
         # the first crop's embeddings (B, d): the reference's memory bank (estep.features=stream)

@@ -26,6 +26,16 @@ class PCL(MoCo):
                                                        cfg.method.num_negative_prototypes)
                 for k in cfg.estep.num_clusters}
 
+    def on_prototypes(self, prototypes: "list[PrototypeTensors]") -> None:
+        """Check each granularity's assignments once per hand-off (the steps skip the check: no host sync)."""
+        super().on_prototypes(prototypes)
+        for p in prototypes:
+            k = p.centroids.shape[0]
+            lo, hi = (int(v) for v in torch.aminmax(p.assignments))  # (N,) -> two ints, one sync per epoch
+            if lo < 0 or hi >= k:
+                raise ValueError(f"E-step hand-off: assignments must lie in [0, {k}) (the number of centroids), "
+                                 f"got values in [{lo}, {hi}]")
+
     def training_loss(self, online, views, index, prototypes: "list[PrototypeTensors] | None" = None,
                       generator=None, epoch=0) -> LossResult:
         q, result = self.contrast(online, views)  # q: BxC
@@ -45,6 +55,7 @@ class PCL(MoCo):
             num_negatives=self.method_cfg.num_negative_prototypes,
             form=self.method_cfg.proto_form,
             generator=generator,
+            check_values=False,  # checked in on_prototypes
         )
         result.metrics["loss/proto_nce"] = ploss.detach()
         result.metrics["acc/proto"] = torch.stack([batch_accuracy(lg, tg) for lg, tg in outs]).mean()

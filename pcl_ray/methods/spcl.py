@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import (accuracy, balanced_pairs, pair_bce, prototype_ce, siamese_differences, siamese_metric_loss,
+from ..losses import (balanced_pairs, pair_bce, prototype_ce, siamese_differences, siamese_metric_loss,
                       symmetric_ce)
 from ..models import Encoder, build_backbone, build_encoder
-from .base import LossResult, Method
+from .base import LossResult, Method, batch_accuracy
 from .deepcluster import run_seed
 from .simclr import global_nt_xent
 
@@ -88,6 +88,8 @@ class SPCL(Method):
         # the epoch whose pseudo-labels the classifier was last initialized for; a buffer, so a resumed run
         # re-initializes exactly where an uninterrupted one does
         self.register_buffer("classifier_epoch", torch.tensor(-1, dtype=torch.long))
+        self._classifier_epoch_host: int | None = None  # the buffer's value, read once: no sync per step
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_classifier_epoch_host", None))
 
     @classmethod
     def run_params(cls, cfg) -> dict[str, str]:
@@ -121,6 +123,13 @@ class SPCL(Method):
         clf.weight.copy_(torch.randn(clf.weight.shape, generator=gen) * CLASSIFIER_INIT_STD)
         clf.bias.zero_()
         self.classifier_epoch.fill_(epoch)
+        self._classifier_epoch_host = epoch
+
+    def _classifier_epoch(self) -> int:
+        """``classifier_epoch`` as an int, read from the device once (and again after a state load)."""
+        if self._classifier_epoch_host is None:
+            self._classifier_epoch_host = int(self.classifier_epoch)
+        return self._classifier_epoch_host
 
     def training_loss(self, online, views, index, prototypes=None, generator=None, epoch=0):
         cfg = self.spcl
@@ -131,13 +140,13 @@ class SPCL(Method):
         else:
             labels = prototypes[0].assignments[index]  # (B,) pseudo-label of each image
             first, second, same = balanced_pairs(labels, cfg.metric_pairs, generator)  # each (P,)
-            if self.full and int(self.classifier_epoch) != epoch:
+            if self.full and self._classifier_epoch() != epoch:
                 self._fresh_classifier(epoch)
 
         h, z, pair_logits, class_logits = online(torch.cat(views[:2]), first, second)
         z_1, z_2 = z[:b], z[b:]  # (B, d) each
         ntx, logits, targets = global_nt_xent(z_1, z_2, cfg.ntxent_temperature)
-        metrics = {"loss/nt_xent": ntx.detach(), "acc/instance": accuracy(logits.detach(), targets)}
+        metrics = {"loss/nt_xent": ntx.detach(), "acc/instance": batch_accuracy(logits.detach(), targets)}
         # the E-step's features of this step's first (augmented) view: (B, D) full, (B, d) lite
         stream = (h[:b] if self.full else z_1).detach()
         if self.full:
@@ -153,7 +162,7 @@ class SPCL(Method):
         cross = pair_logits[2:] if self.full else pair_logits[None]  # (4 or 1, P) cross-image logits
         metrics.update({"loss/metric": metric.detach(), "acc/metric": _pair_accuracy(cross.detach(), same)})
         proto, proto_logits, targets = self._proto_loss(z, class_logits, labels, prototypes[0].centroids)
-        metrics.update({"loss/proto_ce": proto.detach(), "acc/proto": accuracy(proto_logits.detach(), targets)})
+        metrics.update({"loss/proto_ce": proto.detach(), "acc/proto": batch_accuracy(proto_logits.detach(), targets)})
         return LossResult(loss + cfg.weight_proto * proto, metrics, stream_embedding=stream)
 
     def _proto_loss(self, z: torch.Tensor, class_logits: torch.Tensor | None, labels: torch.Tensor,
@@ -172,8 +181,9 @@ class SPCL(Method):
         return proto, logits, targets
 
 
-def _pair_accuracy(logits: torch.Tensor, same: torch.Tensor) -> float:
-    """Percent of cross-image pair logits ``(T, P)`` whose sign matches the same/different label ``(P,)``."""
+def _pair_accuracy(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor | float:
+    """Percent of cross-image pair logits ``(T, P)`` whose sign matches the same/different label ``(P,)``
+    (a 0-d tensor: no host sync)."""
     if logits.numel() == 0:
         return 0.0
-    return ((logits > 0) == same[None]).float().mean().item() * 100.0
+    return ((logits > 0) == same[None]).float().mean() * 100.0

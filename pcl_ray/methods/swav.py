@@ -118,14 +118,15 @@ class SwAV(Method):
         scores_per_crop = scores.split(b)  # n_crops x (B, K)
         codes, used_queue = self._codes(unwrap(online), z, scores_per_crop, b, epoch)  # 2 x (B, K), rows sum to 1
         loss = swapped_prediction_loss(scores_per_crop, codes, self.temperature)
-        value = float(loss.detach())
-        self._track_collapse(value, epoch)
+        self._track_collapse(loss.detach(), epoch)
         with torch.no_grad():
             q = codes[0]  # q: (B, K)
             entropy = -(q * torch.log(q.clamp_min(1e-12))).sum(dim=1).mean()
+            # prototypes that are some row's argmax: (K,) hit marks summed, no host sync (unique() would wait)
+            distinct = q.new_zeros(q.shape[1]).index_fill_(0, q.argmax(dim=1), 1.0).sum()
             metrics = {
                 "loss/swav": loss.detach(),
-                "codes/distinct": float(q.argmax(dim=1).unique().numel()),
+                "codes/distinct": distinct,
                 "codes/entropy": entropy,
                 "codes/queue_used": float(used_queue),
             }
@@ -185,30 +186,35 @@ class SwAV(Method):
             self.net.prototypes.weight.grad = None
 
     # ---- health -------------------------------------------------------------------------------
-    def _track_collapse(self, loss: float, epoch: int) -> None:
+    def _track_collapse(self, loss: torch.Tensor | float, epoch: int) -> None:
         """Warn once when the loss stays within 1 % of ln K for a whole epoch after the first.
 
         A uniform prediction over K prototypes scores exactly ln K whatever the codes, so a loss
-        pinned there means the prototypes carry no information. Cost: a few float operations per
-        step. The epoch length is learned from the first full epoch this process trains.
+        pinned there means the prototypes carry no information. Cost: a few tensor operations per
+        step, summed on the loss's device and read back once per epoch (at its last step). The epoch
+        length is learned from the first full epoch this process trains.
         """
+        loss = torch.as_tensor(loss, dtype=torch.float32).detach()  # 0-d
         if epoch != self._epoch:
             if self._epoch is not None:
                 self._steps_per_epoch = self._epoch_steps
-            self._epoch, self._epoch_steps, self._epoch_loss_sum, self._epoch_max_gap = epoch, 0, 0.0, 0.0
+            self._epoch, self._epoch_steps = epoch, 0
+            self._epoch_loss_sum, self._epoch_max_gap = torch.zeros_like(loss), torch.zeros_like(loss)
         ln_k = math.log(self.swav_cfg.num_prototypes)
         self._epoch_steps += 1
-        self._epoch_loss_sum += loss
-        self._epoch_max_gap = max(self._epoch_max_gap, abs(loss - ln_k) / ln_k)
+        self._epoch_loss_sum = self._epoch_loss_sum + loss
+        self._epoch_max_gap = torch.maximum(self._epoch_max_gap, (loss - ln_k).abs() / ln_k)
         if (self._collapse_warned or epoch < 1 or self._steps_per_epoch is None
-                or self._epoch_steps < self._steps_per_epoch or self._epoch_max_gap > COLLAPSE_TOLERANCE):
+                or self._epoch_steps != self._steps_per_epoch):
+            return
+        if float(self._epoch_max_gap) > COLLAPSE_TOLERANCE:  # the epoch's one host read
             return
         self._collapse_warned = True
         s = self.swav_cfg
         warnings.warn(
             f"SwAV looks collapsed: the swapped-prediction loss stayed within {COLLAPSE_TOLERANCE:.0%} of "
             f"ln K = {ln_k:.3f} (K = {s.num_prototypes} prototypes) for all of epoch {epoch + 1} "
-            f"(mean {self._epoch_loss_sum / self._epoch_steps:.3f}): the predictions are uniform over the "
+            f"(mean {float(self._epoch_loss_sum) / self._epoch_steps:.3f}): the predictions are uniform over the "
             f"prototypes. Probable causes: a queue started too early or too large for the data "
             f"(method.swav.queue_length={s.queue_length}, queue_start_epoch={s.queue_start_epoch}), "
             f"a too large learning rate (train.lr), or a Sinkhorn epsilon too large for the score range "

@@ -49,12 +49,8 @@ class KeyQueue(nn.Module):
             self.keys.copy_(keys[-self.size :])
             self.ptr.zero_()
             return
-        p = int(self.ptr)
-        end = p + n
-        if end <= self.size:
-            self.keys[p:end] = keys
-        else:
-            first = self.size - p
-            self.keys[p:] = keys[:first]
-            self.keys[: n - first] = keys[first:]
-        self.ptr.fill_(end % self.size)
+        # Rows ptr, ptr+1, ... (wrapping) take the new keys; the pointer moves on the device, so a push
+        # reads nothing back to the host.
+        rows = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size  # (n,) distinct: n < size
+        self.keys.index_copy_(0, rows, keys.to(self.keys.dtype))  # keys: (n, d)
+        self.ptr.copy_((self.ptr + n) % self.size)
