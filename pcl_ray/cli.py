@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every entry (e.g. --set train.epochs=2)")
     c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="S[,S...]",
-                   help="seeds to run instead of the pipeline's `compare.seeds`")
+                   help="seeds to run instead of the pipeline's `compare.seeds`; with --resume, some of the "
+                        "recorded seeds, to report a comparison stopped early")
     c.add_argument("--resume", default=None, metavar="NAME",
                    help="continue an interrupted comparison (the NAME it printed, a folder under runs/): finished "
                         "runs are read back, an interrupted one continues from its checkpoint")

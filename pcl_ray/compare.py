@@ -190,8 +190,10 @@ CURVE_PANELS = (("online/knn_acc", "online kNN acc (held training images)"),
                 ("estep/ami_labels", "E-step AMI vs labels (smallest k)"))
 
 
-def training_curves(uri: str, parent_run_id: str) -> dict[str, dict[str, list[list[tuple[int, float]]]]]:
+def training_curves(uri: str, parent_run_id: str, names: set[str] | None = None
+                    ) -> dict[str, dict[str, list[list[tuple[int, float]]]]]:
     """Per-epoch curves of every child run of a comparison, read back from MLflow: panel -> label -> runs.
+    ``names``: only the child runs of these names (the seeds a comparison reports).
 
     ``estep/ami_labels`` stands for the run's coarsest granularity, ``estep/k<min k>/ami_labels`` (the
     AMI of the E-step's own assignments against the labels; monitoring only, never used in training).
@@ -206,7 +208,7 @@ def training_curves(uri: str, parent_run_id: str) -> dict[str, dict[str, list[li
     panels: dict[str, dict[str, list[list[tuple[int, float]]]]] = {title: {} for _, title in CURVE_PANELS}
     for child in children:
         label = child.data.tags.get("pcl_ray.compare_label")
-        if label is None:
+        if label is None or (names is not None and child.info.run_name not in names):
             continue
         ks = sorted(int(m[len("estep/k"):-len("/ami_labels")]) for m in child.data.metrics
                     if m.startswith("estep/k") and m.endswith("/ami_labels"))
@@ -321,14 +323,19 @@ def _open_parent(spec: CompareConfig, first: ExperimentConfig, resume: str | Non
         entries, seeds, saved_uri, run_id = meta["entries"], meta["seeds"], meta["tracking_uri"], meta["mlflow_run_id"]
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"--resume {resume}: {storage.uri_of(meta_rel)} is not a comparison record") from None
-    if entries != [e.label for e in spec.entries] or seeds != spec.seeds:
+    # --seeds may name some of the recorded seeds: a long comparison stopped early reports those
+    if entries != [e.label for e in spec.entries] or not spec.seeds or not set(spec.seeds) <= set(seeds):
         raise ConfigError(f"--resume {resume}: that comparison ran entries {entries} and seeds "
-                          f"{seeds}; this pipeline has {[e.label for e in spec.entries]} and {spec.seeds}")
+                          f"{seeds}; this pipeline has {[e.label for e in spec.entries]} and {spec.seeds} "
+                          f"(--seeds may pick some of its seeds)")
     if saved_uri != uri:
         raise ConfigError(f"--resume {resume}: its MLflow store is {redact(saved_uri)}, not {redact(uri)}")
     parent = RunLogger(uri, run_id)
     parent.client.update_run(parent.run_id, status="RUNNING")
     log(f"[pcl-ray] compare: resuming {resume}")
+    if spec.seeds != seeds:
+        log(f"[pcl-ray] compare: reporting seeds {spec.seeds} of {seeds}")
+        parent.client.set_tag(parent.run_id, "compare.reported_seeds", ",".join(map(str, spec.seeds)))
     return parent, out
 
 
@@ -397,7 +404,8 @@ def run_compare(path: str | Path, overrides: list[str], seeds: list[int] | None 
             (local / "comparison.md").write_text(md)
             plot_comparison(rows, local / "comparison.png")
             files = ["comparison.md", "comparison.png"]
-            curves = training_curves(parent.tracking_uri, parent.run_id)
+            curves = training_curves(parent.tracking_uri, parent.run_id,
+                                     names={f"{out.name}-{label}-s{seed}" for label, seed in order})
             if any(curves.values()):
                 plot_curves_by_label(curves, local / "curves.png",
                                      title=f"{spec.name}: mean over seeds {spec.seeds}, shaded min to max")

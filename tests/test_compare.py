@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DIGITS = str(ROOT / "pipelines" / "digits_tiny.yaml")
 
 
-def _write(tmp_path, body: str) -> Path:
-    p = tmp_path / "cmp.yaml"
+def _write(tmp_path, body: str, name: str = "cmp.yaml") -> Path:
+    p = tmp_path / name
     p.write_text(body)
     return p
 
@@ -170,6 +170,18 @@ def test_compare_two_methods_on_digits(ray_local, tmp_path):
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
     with pytest.raises(ConfigError, match="--resume cmp-test-0: no comparison of that name"):
         run_compare(p, [], resume="cmp-test-0")
+    # a comparison stopped after its first seed (recorded as seeds [0, 1]) reports the finished seed
+    import json
+
+    meta = json.loads((out_dir / "compare.json").read_text())
+    (out_dir / "compare.json").write_text(json.dumps({**meta, "seeds": [0, 1]}))
+    p2 = _write(tmp_path, p.read_text().replace("seeds: [0]", "seeds: [0, 1]"), name="two-seeds.yaml")
+    md3, _ = run_compare(p2, [], seeds=[0], resume=out.name)
+    assert md3 == md  # nothing trained: seed 0 read back
+    assert client.get_run(parents[0].info.run_id).data.tags["compare.reported_seeds"] == "0"
+    with pytest.raises(ConfigError, match=r"seeds \[0, 1\].*--seeds may pick some of its seeds"):
+        run_compare(p2, [], seeds=[0, 2], resume=out.name)
+    (out_dir / "compare.json").write_text(json.dumps(meta))
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {
         "comparison.md", "comparison.png", "embeddings.png", "curves.png"}
     assert (out_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
