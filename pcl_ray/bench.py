@@ -1,13 +1,19 @@
-"""The `bench` verb: where one training epoch's time goes, measured side by side in one process.
+"""The `bench` verb: where one training epoch's time goes, measured side by side.
 
-Three parts, each timed on the pipeline's own data, model, method and E-step settings:
+The parts, each timed on the pipeline's own data, model, method and E-step settings:
 
 ``views``  the batched tensor view maker (:mod:`pcl_ray.data.views`) against the per-image PIL
            pipeline of the same recipe (torchvision transforms), on the same images;
 ``mstep``  training steps of the method (views + forward + backward + SGD), and the same steps on
            views made once in advance, so the share of the step spent making views shows;
 ``estep``  the E-step: embedding the training split (eval pass) and faiss k-means + φ at every
-           granularity, set against the M-step time of one epoch.
+           granularity, set against the M-step time of one epoch;
+``mfu``    the step's FLOPs per image and achieved FLOP/s against the machine's matmul peak
+           (:mod:`pcl_ray.bench_mfu`);
+``epoch``  the PCL epoch against the MoCo epoch, per E-step feature mode (:mod:`pcl_ray.bench_epoch`);
+``loop``   short Ray Train runs against the single-process loop: throughput ratio, first-epoch
+           overhead, start-up (:mod:`pcl_ray.bench_loop`; only when named);
+``estep-scale`` the E-step at N up to 1.28M on synthetic embeddings (:mod:`pcl_ray.bench_scale`; alone).
 
 Absolute numbers depend on the machine and on whatever else runs on it; the ratios are measured
 in one run, back to back. The numbers are printed, written to ``bench.json`` + ``bench.md`` under
@@ -29,8 +35,9 @@ import torch
 
 from .config import ConfigError, ExperimentConfig
 
-PARTS = ("views", "mstep", "mfu", "estep", "epoch", "estep-scale")
-#: what "all" runs: estep-scale (synthetic N up to 1.28M, minutes) only when named
+PARTS = ("views", "mstep", "mfu", "estep", "epoch", "estep-scale", "loop")
+#: what "all" runs: estep-scale (synthetic N up to 1.28M, minutes) and loop (Ray Train runs, pcl_ray/bench_loop.py)
+#: only when named
 DEFAULT_PARTS = ("views", "mstep", "mfu", "estep", "epoch")
 
 
@@ -227,13 +234,21 @@ def bench_mstep(cfg: ExperimentConfig, ds, method, device, prototypes, report: B
     report.add("mstep", f"M-step epoch estimate ({len(ds)} images)", len(ds) / (b / full), "s")
 
 
-def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, log=print) -> BenchReport:
-    """Measure ``parts`` for ``cfg`` in this process (all CPU threads; the GPU when there is one)."""
+def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, log=print,
+              loop: dict | None = None) -> BenchReport:
+    """Measure ``parts`` for ``cfg`` in this process (all CPU threads; the GPU when there is one).
+
+    ``loop``: keyword arguments of :func:`pcl_ray.bench_loop.bench_loop` (``images``, ``epochs``, ``repeats``).
+    """
     from .data import load_split
     from .methods import build_method
 
     if steps < 1:
         raise ConfigError(f"--steps: expected a positive number of timed steps, got {steps}")
+    if "loop" in parts:
+        from .bench_loop import check_loop_options
+
+        check_loop_options(**(loop or {}))
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(cfg.train.seed)
     if parts == ("estep-scale",):  # synthetic embeddings: no data, no model (pcl_ray/bench_scale.py)
@@ -285,6 +300,16 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
             log(f"[pcl-ray] PCL epoch / MoCo epoch: eval_pass {report.value('epoch', 'PCL epoch / MoCo epoch (eval_pass, cold)'):.2f}, "
                 f"stream {report.value('epoch', 'PCL epoch / MoCo epoch (stream, cold)'):.2f}, "
                 f"stream + warm start {ratio:.2f}")
+    if "loop" in parts:  # pcl_ray/bench_loop.py: Ray Train runs against the single-process loop
+        from .bench_loop import bench_loop
+
+        bench_loop(cfg, report, log=log, **(loop or {}))
+        ratio, ray_first, plain_first, startup = (report.value("loop", what) for what in (
+            "Ray / single-process throughput", "Ray Train loop, first-epoch overhead (epoch 1 - mean of later)",
+            "single-process loop, first-epoch overhead (epoch 1 - mean of later)",
+            "Ray run start-up (train() call to epoch 1's first step)"))
+        log(f"[pcl-ray] loop: Ray Train {ratio:.2f}x the single-process throughput; first-epoch overhead Ray "
+            f"{ray_first:.1f}s, single-process {plain_first:.1f}s; Ray run start-up {startup:.1f}s")
     epoch_s = report.value("mstep", f"M-step epoch estimate ({len(ds)} images)")
     estep_s = report.value("estep", "E-step total (embed + every k)")
     if epoch_s and estep_s is not None:

@@ -131,8 +131,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("pipeline", nargs="?", default=DEFAULT_PIPELINE, help=PIPELINE_HELP)
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
-    b.add_argument("--parts", default="all", metavar="NAMES", help="comma-separated subset of views,mstep,estep (all: those three), or estep-scale alone "
-                   "(the E-step at N up to 1.28M on synthetic embeddings, minutes)")
+    b.add_argument("--parts", default="all", metavar="NAMES",
+                   help="comma-separated subset of views,mstep,mfu,estep,epoch,loop (all: every one but loop), "
+                        "or estep-scale alone (the E-step at N up to 1.28M on synthetic embeddings, minutes); "
+                        "loop trains short Ray Train runs against the single-process loop (minutes)")
+    b.add_argument("--loop-images", type=int, default=4096, metavar="N",
+                   help="loop: training images per run (default 4096)")
+    b.add_argument("--loop-epochs", type=int, default=3, metavar="E", help="loop: epochs per run (default 3, at least 2)")
+    b.add_argument("--loop-repeats", type=int, default=2, metavar="R",
+                   help="loop: alternated repetitions of each candidate (default 2)")
     b.add_argument("--steps", type=int, default=10, help="timed repetitions per measurement (default 10)")
     b.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <ray.storage_path>/bench-<stamp>)")
     b.add_argument("--no-mlflow", action="store_true", help="write the files only; log nothing to MLflow")
@@ -318,7 +325,8 @@ def cmd_bench(args) -> int:
     if not args.out:  # the storage answers before the bench spends anything
         storage = run_storage(cfg)
         storage.check_writable()
-    report = run_bench(cfg, parts, steps=args.steps)
+    report = run_bench(cfg, parts, steps=args.steps,
+                       loop={"images": args.loop_images, "epochs": args.loop_epochs, "repeats": args.loop_repeats})
     table = Table(title=f"pcl-ray bench: {report.label}")
     for col, justify in (("part", "left"), ("what", "left"), ("value", "right"), ("unit", "left")):
         table.add_column(col, justify=justify)

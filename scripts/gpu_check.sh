@@ -3,7 +3,8 @@
 #   1. faiss-gpu against faiss-cpu k-means on a fixed seed: same assignments up to a label permutation, speed ratio;
 #   2. a PCL run, ResNet-18 on Fashion-MNIST resized to 32, one Train worker, the cluster actor sharing the
 #      worker's GPU (estep.gpu_share), two epochs with the E-step on faiss-gpu;
-#   3. bf16 against fp32 M-step throughput (run.py bench --parts mstep).
+#   3. bf16 against fp32 M-step throughput (run.py bench --parts mstep);
+#   4. host syncs per guarded training step of each method (torch.cuda.set_sync_debug_mode, GPU only).
 # Usage: scripts/gpu_check.sh [--dry]   (--dry: the same three steps on the CPU at toy sizes, about 6 min on 2 busy cores,
 # to check the script itself on a machine without a GPU). Output: stdout and $OUT_DIR (default runs/gpu-check).
 set -euo pipefail
@@ -82,4 +83,42 @@ for prec in fp32 bf16; do
     || { echo "bench $prec failed:"; tail -5 "$OUT_DIR/bench-$prec.log"; continue; }
   grep -E "M-step" "$OUT_DIR/bench-$prec.log" | sed "s/^/$prec: /"
 done
+step "4. host syncs per guarded training step (torch.cuda.set_sync_debug_mode)"
+if [[ $DRY == 1 ]]; then
+  echo "skipped on the CPU (sync debug mode is a CUDA feature; tests/training/test_host_reads.py covers the Python-level reads)"
+else
+  timeout 120 "$PY" - <<'PY' || echo "sync count failed"
+import warnings
+import torch
+from tests.training.test_host_reads import CASES, _setup
+from pcl_ray.data import load_split
+from pcl_ray.config import load_config
+from pcl_ray.training import FiniteGuard, build_optimizer, train_step
+from tests.training.test_host_reads import TINY, BATCH
+
+ds = load_split(load_config(TINY).data, "train")
+for case, overrides in sorted(CASES.items()):
+    cfg, method, views, prototypes = _setup(overrides, ds)
+    method = method.cuda()
+    views = [v.cuda() for v in views]
+    if prototypes is not None:
+        prototypes = [p._replace(**{f: getattr(p, f).cuda() for f in p._fields}) for p in prototypes]
+        method.on_prototypes(prototypes)
+    opt = build_optimizer(cfg, method.net.parameters())
+    index, guard = torch.arange(BATCH, device="cuda"), FiniteGuard()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    step = lambda n: train_step(method, method.net, opt, views, index, prototypes, generator=gen, epoch=0,
+                                global_step=n, guard=guard)
+    step(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(1)
+    torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    print(f"{case:12s} {len(syncs)} host sync(s) per step" + (f": {syncs[0][:90]}" if syncs else ""))
+PY
+fi
+
 echo; echo "gpu_check done ($([[ $DRY == 1 ]] && echo 'dry run, CPU' || echo GPU)); logs in $OUT_DIR"

@@ -107,7 +107,36 @@ def test_cli_refuses_bad_input_before_measuring(tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
     assert main(["bench", str(TINY), "--set", "train.batch_size=-1", "--out", str(out)]) == 2
     assert "train.batch_size" in capsys.readouterr().err
+    assert main(["bench", str(TINY), "--parts", "views,loop", "--loop-epochs", "1", "--out", str(out)]) == 2
+    assert "--loop-epochs: expected at least 2" in capsys.readouterr().err  # before the views were measured
     assert not out.exists()
     assert main(["bench", str(TINY), "--parts", "views", "--steps", "1", "--out", str(out), "--no-mlflow"]) == 0
     assert "speed-up batched / PIL" in capsys.readouterr().out
     assert sorted(f.name for f in out.iterdir()) == ["bench.json", "bench.md"]  # no temporary files left
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_loop_part_sets_a_ray_train_run_against_the_single_process_loop(ray_local, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default runs/ and mlruns/ would be here: the part leaves neither
+    cfg = load_config(TINY)
+    assert parse_parts("loop") == ("loop",) and "loop" not in parse_parts("all")
+    lines = []
+    report = run_bench(cfg, ("loop",), log=lines.append, loop={"images": 512, "epochs": 3, "repeats": 1})
+    ray_rate = report.value("loop", "Ray Train loop, epoch 2+ throughput (batch 128)")
+    plain_rate = report.value("loop", "single-process loop, epoch 2+ throughput")
+    assert ray_rate > 0 and plain_rate > 0
+    assert report.value("loop", "Ray / single-process throughput") == pytest.approx(ray_rate / plain_rate, rel=1e-6)
+    startup = report.value("loop", "Ray run start-up (train() call to epoch 1's first step)")
+    outside = report.value("loop", "Ray run: train() wall time minus its M-step epochs")
+    assert 0 < startup < outside  # the start-up is a part of the time outside the epochs
+    for who in ("Ray Train loop", "single-process loop"):
+        assert report.value("loop", f"{who}, first-epoch overhead (epoch 1 - mean of later)") is not None
+        assert report.value("loop", f"{who}, E-step per E-step (embed + k-means)" if who.startswith("single")
+                            else f"{who}, E-step hand-off per E-step") > 0  # PCL: an E-step at epochs 2 and 3
+    assert report.value("loop", "local Ray start (ray.init)") is None  # the session's Ray was up already
+    assert report.info["loop"] == "3 epochs on 512 images, 1 repetitions, 2 Ray workers"
+    assert any(line.startswith("[pcl-ray] loop: Ray Train ") for line in lines)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlruns").exists()
+    with pytest.raises(ConfigError, match="--loop-epochs: expected at least 2"):
+        run_bench(cfg, ("loop",), log=lambda _: None, loop={"epochs": 1})

@@ -22,7 +22,7 @@ import ray.train.torch
 import torch
 
 from ..config import ExperimentConfig
-from ..data import ViewMaker, iterate_batches, load_split, shard_indices
+from ..data import ViewMaker, load_split, shard_indices
 from ..estep.prototypes import PrototypeTensors
 from ..methods import build_method
 from ..methods.base import Method, unwrap
@@ -30,22 +30,18 @@ from ..models.collectives import broadcast_buffers
 from ..training import (
     RANK_STATE_GLOB,
     STATE_FILE,
-    EpochMetrics,
     EpochPlan,
     Precision,
     StreamedEmbeddings,
     build_view_makers,
     embed_shard,
     host_crop_spec,
-    host_cropped_batches,
     load_state,
-    lr_at,
     rank_state_file,
     build_optimizer,
     prepare_model,
-    prepare_views,
+    run_epoch,
     save_state,
-    train_step,
 )
 from .cluster_actor import NAMESPACE, actor_name
 from .fault_injection import injected_kill, kill_if_due  # test-only (tests/distributed/test_faults_worker.py)
@@ -221,59 +217,22 @@ def estep_handoff(w: Worker, epoch: int, streamed: StreamedEmbeddings | None,
 # ---- M-step ---------------------------------------------------------------------------------------------
 def mstep(w: Worker, epoch: int, prototypes: list[PrototypeTensors] | None, global_step: int,
           metrics: dict[str, float]) -> tuple[int, StreamedEmbeddings | None]:
-    """One epoch of :func:`~pcl_ray.training.train_step` over this rank's columns of the epoch's batches.
+    """One epoch of :func:`~pcl_ray.training.train_step` over this rank's columns of the epoch's batches
+    (:func:`~pcl_ray.training.run_epoch`).
 
     Returns the global step after the epoch and, in stream mode, this epoch's embeddings for the next
     E-step. The epoch's averages, lr, throughput and time go to ``metrics``.
     """
-    cfg = w.cfg
-    w.online.train()
-    # Every random draw of the epoch comes from seeds of (seed, epoch[, rank]), never from the history of
-    # earlier epochs: a run resumed at an epoch boundary draws what an uninterrupted run draws. The global
-    # generator (shuffle-BN's permutation, dropout) is the same on every rank.
-    torch.manual_seed(cfg.train.seed * 1_000_003 + epoch * 7919 + 1)
-    gen = torch.Generator(device=w.device).manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + w.rank)
-    collect = (w.method.needs_estep and cfg.estep.features == "stream"
-               and cfg.train.warmup_epochs <= epoch + 1 < cfg.train.epochs)
-    collecting = StreamedEmbeddings(epoch, w.steps_per_epoch * w.local_bs) if collect else None
-    order = EpochPlan(w.n, cfg.train.batch_size, cfg.train.seed, epoch).rank_indices(w.rank, w.world)
-    if w.crop_spec is not None:  # B×V×C×S×S: view i of every image, cropped from its full decoded image
-        batches = host_cropped_batches(w.ds, order, w.local_bs, w.crop_spec, len(w.view_makers),
-                                       seed=cfg.train.seed, epoch=epoch, loader_workers=cfg.data.views.loader_workers)
-    else:  # B×C×H×W: the views are cropped on the device
-        batches = iterate_batches(w.ds, order, w.local_bs, shuffle=False, seed=0, drop_last=True,
-                                  loader_workers=cfg.data.views.loader_workers)
-    sums = EpochMetrics()  # device-side sums: no host sync per step
-    seen, lr = 0, lr_at(cfg, epoch, 0, w.steps_per_epoch)
-    t_epoch = time.perf_counter()
-    for step, (images, index) in enumerate(batches):
-        if w.kill_at is not None:  # test-only: tests/distributed/test_faults_worker.py kills this worker here
-            kill_if_due(w.kill_at, epoch, step, w.rank)
-        lr = lr_at(cfg, epoch, step, w.steps_per_epoch)
-        for group in w.optimizer.param_groups:
-            group["lr"] = lr
-        images = images.to(w.device, non_blocking=True)  # BxCxHxW
-        if w.crop_spec is not None:
-            raw = [images[:, i] for i in range(len(w.view_makers))]  # V × (B×C×S×S)
-        else:
-            raw = [images] * len(w.view_makers)
-        batch_views = prepare_views([make(x, generator=gen) for make, x in zip(w.view_makers, raw)], cfg)
-        result = train_step(w.method, w.online, w.optimizer, batch_views, index.to(w.device), prototypes,
-                            generator=gen, epoch=epoch, global_step=global_step, precision=w.precision)
-        if collecting is not None:
-            collecting.add(index, result.stream_embedding, w.method.name)
-        global_step += 1
-        seen += images.shape[0]
-        sums.add({**result.metrics, "loss/total": result.loss.detach()})
-        if w.rank == 0 and (step + 1) % cfg.train.log_every == 0:
-            rate = seen * w.world / (time.perf_counter() - t_epoch)
-            say(f"epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{w.steps_per_epoch} "
-                f"loss {sums.last('loss/total'):.3f} lr {lr:.4f} {rate:.0f} img/s")
-    elapsed = time.perf_counter() - t_epoch
-    metrics.update(sums.means())
-    metrics["lr"] = lr
-    metrics["throughput/img_per_s"] = seen * w.world / elapsed
-    metrics["time/epoch_s"] = elapsed
+    def kill(e: int, step: int) -> None:  # test-only: tests/distributed/test_faults_worker.py kills this worker here
+        kill_if_due(w.kill_at, e, step, w.rank)
+
+    global_step, collecting, epoch_metrics = run_epoch(
+        w.method, w.online, w.optimizer, w.ds, w.view_makers, w.crop_spec, w.cfg, epoch=epoch, rank=w.rank,
+        world=w.world, local_bs=w.local_bs, steps_per_epoch=w.steps_per_epoch, device=w.device,
+        precision=w.precision, prototypes=prototypes, global_step=global_step,
+        on_step=kill if w.kill_at is not None else None,
+        log=say if w.rank == 0 else None)
+    metrics.update(epoch_metrics)
     return global_step, collecting
 
 

@@ -5,17 +5,18 @@ tests call the same functions.
 """
 
 from .embed import embed_shard
+from .epoch import run_epoch
 from .metrics import EpochMetrics
 from .optim import build_optimizer, prepare_model, prepare_views
 from .plan import EpochPlan
 from .schedule import lr_at
 from .state import RANK_STATE_GLOB, STATE_FILE, load_state, rank_state_file, save_state
-from .step import Precision, resolve_precision, train_step
+from .step import FiniteGuard, Precision, resolve_precision, train_step
 from .stream import StreamedEmbeddings
 from .views import build_view_makers, host_crop_spec, host_cropped_batches
 
 __all__ = [
-    "EpochMetrics", "EpochPlan", "Precision", "RANK_STATE_GLOB", "STATE_FILE", "StreamedEmbeddings",
+    "EpochMetrics", "EpochPlan", "FiniteGuard", "Precision", "RANK_STATE_GLOB", "STATE_FILE", "StreamedEmbeddings",
     "build_optimizer", "build_view_makers", "embed_shard", "host_crop_spec", "host_cropped_batches", "load_state", "lr_at", "prepare_model",
-    "prepare_views", "rank_state_file", "resolve_precision", "save_state", "train_step",
+    "prepare_views", "rank_state_file", "resolve_precision", "run_epoch", "save_state", "train_step",
 ]
