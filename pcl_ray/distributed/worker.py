@@ -257,8 +257,9 @@ def report(w: Worker, epoch: int, global_step: int, metrics: dict[str, float]) -
             save_state(Path(tmp) / STATE_FILE, w.method, w.optimizer, epoch, global_step,
                        scaler=w.precision.state_dict(), extra={"config": w.loop_config["cfg"]})
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            summary = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in
-                               ("loss/total", "acc/instance", "acc/proto", "online/knn_acc") if k in metrics)
+            shown = (("loss/total", "loss {:.3f}"), ("acc/instance", "instance acc {:.1f}%"),
+                     ("acc/proto", "proto acc {:.1f}%"), ("online/knn_acc", "online kNN {:.3f}"))
+            summary = " ".join(fmt.format(metrics[k]) for k, fmt in shown if k in metrics)
             say(f"epoch {epoch + 1}/{cfg.train.epochs} done in {metrics['time/epoch_s']:.1f}s: {summary} "
                 f"({metrics['throughput/img_per_s']:.0f} img/s)")
             if w.tracker is not None:
