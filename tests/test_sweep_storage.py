@@ -359,7 +359,7 @@ def test_bench_writes_to_the_bucket_through_a_local_temp_folder(s3_server, tmp_p
     endpoint, make_bucket = s3_server
     bucket = make_bucket("bench-out")
 
-    def fake_bench(cfg, parts, steps=10, log=print):
+    def fake_bench(cfg, parts, steps=10, log=print, **kwargs):
         report = bench.BenchReport(label="fake")
         report.add("mstep", "M-step", 123.0, "img/s")
         return report
