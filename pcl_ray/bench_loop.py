@@ -56,7 +56,6 @@ def check_loop_options(images: int = DEFAULT_IMAGES, epochs: int = DEFAULT_EPOCH
 
 def loop_config(cfg, images: int, epochs: int):
     """``cfg`` for the loop part: the first ``images`` training images, ``epochs`` epochs, no evaluation."""
-    check_loop_options(images, epochs)
     run = cfg.model_copy(deep=True)
     run.data.subset = min(images, run.data.subset or images)
     run.train.epochs = epochs
@@ -111,7 +110,7 @@ def plain_run(cfg, ds, device: torch.device) -> dict[str, float]:
     from .distributed.trainer import estep_kwargs
     from .estep import run_estep
     from .methods import build_method
-    from .training import (EpochPlan, Precision, build_optimizer, build_view_makers, embed_shard, host_crop_spec,
+    from .training import (Precision, build_optimizer, build_view_makers, estep_shard, host_crop_spec,
                            prepare_model, run_epoch)
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -131,16 +130,10 @@ def plain_run(cfg, ds, device: torch.device) -> dict[str, float]:
         prototypes = None
         if method.needs_estep and epoch >= cfg.train.warmup_epochs:
             t0 = time.perf_counter()
-            if streamed is not None and streamed.epoch == epoch - 1:  # as the worker + cluster actor do
-                seen_idx, seen_emb = streamed.shard()
-                rest = EpochPlan(n, cfg.train.batch_size, cfg.train.seed, epoch - 1).untrained()
-                feats = np.empty((n, seen_emb.shape[1]), dtype=np.float32)  # (N, d), row i = image i
-                feats[seen_idx] = seen_emb
-                if rest.size:
-                    feats[rest] = embed_shard(method, ds, views, rest, embed_bs, device)
-            else:
-                feats = embed_shard(method, ds, views, np.arange(n), embed_bs, device,
-                                    cfg.data.views.loader_workers)  # (N, d)
+            own, emb, _ = estep_shard(method, ds, views, cfg, epoch, streamed, batch_size=embed_bs,
+                                      device=device)  # rank 0 of 1: every index once, as the worker does
+            feats = np.empty((n, emb.shape[1]), dtype=np.float32)  # (N, d), row i = image i, as the actor stores
+            feats[own] = emb
             init = None
             if cfg.estep.warm_start and last is not None:
                 init = [g.centroids for g in last.granularities]

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 
 from ..config import ExperimentConfig
-from ..data import ViewMaker, load_split, shard_indices
+from ..data import ViewMaker, load_split
 from ..estep.prototypes import PrototypeTensors
 from ..methods import build_method
 from ..methods.base import Method, unwrap
@@ -34,7 +33,7 @@ from ..training import (
     Precision,
     StreamedEmbeddings,
     build_view_makers,
-    embed_shard,
+    estep_shard,
     host_crop_spec,
     load_state,
     rank_state_file,
@@ -184,19 +183,9 @@ def estep_handoff(w: Worker, epoch: int, streamed: StreamedEmbeddings | None,
     """Embed this rank's shard (or reuse last epoch's M-step embeddings), send it to the cluster actor and
     wait for the epoch's prototypes; the E-step's stats go to ``metrics``."""
     t0 = time.perf_counter()
-    embed_bs = max(256, w.local_bs)
-    from_stream = streamed is not None and streamed.epoch == epoch - 1
-    if from_stream:
-        # last epoch's embeddings, plus a fresh pass over the few images no rank trained on
-        rest = EpochPlan(w.n, w.cfg.train.batch_size, w.cfg.train.seed, epoch - 1).untrained()[w.rank::w.world]
-        seen_idx, seen_emb = streamed.shard()
-        extra = embed_shard(w.method, w.ds, w.views, rest, embed_bs, w.device) if rest.size else seen_emb[:0]
-        own, emb = np.concatenate([seen_idx, rest]), np.concatenate([seen_emb, extra])
-        source = "the M-step's embeddings of the last epoch"
-    else:  # the paper's mode; also the first E-step after a resume in stream mode
-        own = shard_indices(w.n, w.rank, w.world)
-        emb = embed_shard(w.method, w.ds, w.views, own, embed_bs, w.device, w.cfg.data.views.loader_workers)
-        source = "an eval pass"
+    own, emb, from_stream = estep_shard(w.method, w.ds, w.views, w.cfg, epoch, streamed, rank=w.rank,
+                                        world=w.world, batch_size=max(256, w.local_bs), device=w.device)
+    source = "the M-step's embeddings of the last epoch" if from_stream else "an eval pass"
     metrics["estep/from_stream"] = float(from_stream)
     idx_ref, emb_ref = ray.put(own), ray.put(emb)
     actor, rank = w.actor, w.rank

@@ -61,12 +61,16 @@ def _check_assignments(assignments: torch.Tensor, batch: int, num_clusters: int,
     if assignments.dtype.is_floating_point or assignments.dtype == torch.bool:
         raise ValueError(f"assignments must be an integer tensor, got dtype {assignments.dtype}")
     if batch and values:
-        lo, hi = (int(v) for v in torch.aminmax(assignments))  # one device sync
-        if lo < 0 or hi >= num_clusters:
-            raise ValueError(
-                f"assignments must lie in [0, {num_clusters}) (the number of centroids), "
-                f"got values in [{lo}, {hi}]"
-            )
+        check_assignment_range(assignments, num_clusters)
+
+
+def check_assignment_range(assignments: torch.Tensor, num_clusters: int, what: str = "assignments") -> None:
+    """Every value of the non-empty integer tensor ``assignments`` lies in ``[0, num_clusters)`` (one device sync)."""
+    lo, hi = (int(v) for v in torch.aminmax(assignments))
+    if lo < 0 or hi >= num_clusters:
+        raise ValueError(
+            f"{what} must lie in [0, {num_clusters}) (the number of centroids), got values in [{lo}, {hi}]"
+        )
 
 
 # --------------------------------------------------------------------------- #

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..losses import proto_nce_multi, resolve_proto_form
+from ..losses.contrastive import check_assignment_range, proto_nce_multi, resolve_proto_form
 from .base import LossResult, batch_accuracy
 from .moco import MoCo
 
@@ -29,12 +29,8 @@ class PCL(MoCo):
     def on_prototypes(self, prototypes: "list[PrototypeTensors]") -> None:
         """Check each granularity's assignments once per hand-off (the steps skip the check: no host sync)."""
         super().on_prototypes(prototypes)
-        for p in prototypes:
-            k = p.centroids.shape[0]
-            lo, hi = (int(v) for v in torch.aminmax(p.assignments))  # (N,) -> two ints, one sync per epoch
-            if lo < 0 or hi >= k:
-                raise ValueError(f"E-step hand-off: assignments must lie in [0, {k}) (the number of centroids), "
-                                 f"got values in [{lo}, {hi}]")
+        for p in prototypes:  # assignments (N,), centroids (k, d): one sync per granularity per epoch
+            check_assignment_range(p.assignments, p.centroids.shape[0], what="E-step hand-off: assignments")
 
     def training_loss(self, online, views, index, prototypes: "list[PrototypeTensors] | None" = None,
                       generator=None, epoch=0) -> LossResult:

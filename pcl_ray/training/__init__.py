@@ -4,7 +4,7 @@ Nothing here imports Ray; the Ray Train worker loop (:mod:`pcl_ray.distributed.w
 tests call the same functions.
 """
 
-from .embed import embed_shard
+from .embed import embed_shard, estep_shard
 from .epoch import run_epoch
 from .metrics import EpochMetrics
 from .optim import build_optimizer, prepare_model, prepare_views
@@ -17,6 +17,6 @@ from .views import build_view_makers, host_crop_spec, host_cropped_batches
 
 __all__ = [
     "EpochMetrics", "EpochPlan", "FiniteGuard", "Precision", "RANK_STATE_GLOB", "STATE_FILE", "StreamedEmbeddings",
-    "build_optimizer", "build_view_makers", "embed_shard", "host_crop_spec", "host_cropped_batches", "load_state", "lr_at", "prepare_model",
+    "build_optimizer", "build_view_makers", "embed_shard", "estep_shard", "host_crop_spec", "host_cropped_batches", "load_state", "lr_at", "prepare_model",
     "prepare_views", "rank_state_file", "resolve_precision", "run_epoch", "save_state", "train_step",
 ]
