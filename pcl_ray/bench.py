@@ -13,6 +13,8 @@ The parts, each timed on the pipeline's own data, model, method and E-step setti
 ``epoch``  the PCL epoch against the MoCo epoch, per E-step feature mode (:mod:`pcl_ray.bench_epoch`);
 ``loop``   short Ray Train runs against the single-process loop: throughput ratio, first-epoch
            overhead, start-up (:mod:`pcl_ray.bench_loop`; only when named);
+``pcl-moco`` whole PCL epochs in each E-step mode against MoCo epochs, trained in this process
+           (:mod:`pcl_ray.bench_pcl_moco`; only when named);
 ``estep-scale`` the E-step at N up to 1.28M on synthetic embeddings (:mod:`pcl_ray.bench_scale`; alone).
 
 Absolute numbers depend on the machine and on whatever else runs on it; the ratios are measured
@@ -35,9 +37,9 @@ import torch
 
 from .config import ConfigError, ExperimentConfig
 
-PARTS = ("views", "mstep", "mfu", "estep", "epoch", "estep-scale", "loop")
-#: what "all" runs: estep-scale (synthetic N up to 1.28M, minutes) and loop (Ray Train runs, pcl_ray/bench_loop.py)
-#: only when named
+PARTS = ("views", "mstep", "mfu", "estep", "epoch", "estep-scale", "loop", "pcl-moco")
+#: what "all" runs: estep-scale (synthetic N up to 1.28M, minutes), loop (Ray Train runs, pcl_ray/bench_loop.py)
+#: and pcl-moco (trained epochs, pcl_ray/bench_pcl_moco.py) only when named
 DEFAULT_PARTS = ("views", "mstep", "mfu", "estep", "epoch")
 
 
@@ -245,10 +247,14 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
 
     if steps < 1:
         raise ConfigError(f"--steps: expected a positive number of timed steps, got {steps}")
-    if "loop" in parts:
-        from .bench_loop import check_loop_options
+    if "loop" in parts or "pcl-moco" in parts:
+        from .bench_loop import DEFAULT_EPOCHS, check_loop_options
 
         check_loop_options(**(loop or {}))
+        if "pcl-moco" in parts:
+            from .bench_pcl_moco import check_pcl_moco
+
+            check_pcl_moco(cfg, (loop or {}).get("epochs", DEFAULT_EPOCHS))
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(cfg.train.seed)
     if parts == ("estep-scale",):  # synthetic embeddings: no data, no model (pcl_ray/bench_scale.py)
@@ -289,8 +295,10 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
 
         bench_mfu(cfg, ds, method, device, prototypes, report, steps, _alternating, _batch)
         log(f"[pcl-ray] MFU: {report.value('mfu', 'training step MFU (achieved / matmul peak)'):.2f} of the "
-            f"{report.value('mfu', 'fp32 matmul peak (2048^2)'):.0f} GFLOP/s matmul peak; convolutions alone "
-            f"{report.value('mfu', 'convolutions alone (fwd + bwd), achieved / matmul peak'):.2f}")
+            f"{report.value('mfu', 'fp32 matmul peak (2048^2)'):.0f} GFLOP/s matmul peak "
+            f"({report.value('mfu', 'training step MFU, channels_last'):.2f} in channels_last); convolutions alone "
+            f"{report.value('mfu', 'convolutions alone (fwd + bwd), achieved / matmul peak'):.2f}; ceiling "
+            f"{report.value('mfu', 'MFU ceiling (convolutions at their replayed rate, other FLOPs at peak)'):.2f}")
     if "epoch" in parts:  # pcl_ray/bench_epoch.py
         from .bench_epoch import bench_epoch
 
@@ -310,6 +318,14 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
             "Ray run start-up (train() call to epoch 1's first step)"))
         log(f"[pcl-ray] loop: Ray Train {ratio:.2f}x the single-process throughput; first-epoch overhead Ray "
             f"{ray_first:.1f}s, single-process {plain_first:.1f}s; Ray run start-up {startup:.1f}s")
+    if "pcl-moco" in parts:  # pcl_ray/bench_pcl_moco.py: trained PCL epochs against trained MoCo epochs
+        from .bench_loop import DEFAULT_EPOCHS, DEFAULT_IMAGES, DEFAULT_REPEATS
+        from .bench_pcl_moco import MODES, bench_pcl_moco
+
+        sizes = {"images": DEFAULT_IMAGES, "epochs": DEFAULT_EPOCHS, "repeats": DEFAULT_REPEATS, **(loop or {})}
+        bench_pcl_moco(cfg, report, log=log, **sizes)
+        log("[pcl-ray] pcl-moco: PCL epoch / MoCo epoch, trained: " + ", ".join(
+            f"{label} {report.value('pcl-moco', f'PCL, {label}: PCL epoch / MoCo epoch'):.3f}" for label, _ in MODES))
     epoch_s = report.value("mstep", f"M-step epoch estimate ({len(ds)} images)")
     estep_s = report.value("estep", "E-step total (embed + every k)")
     if epoch_s and estep_s is not None:

@@ -105,8 +105,12 @@ def ray_run(cfg, folder: Path, name: str) -> dict[str, float]:
     return stats
 
 
-def plain_run(cfg, ds, device: torch.device) -> dict[str, float]:
-    """The same epochs through :func:`~pcl_ray.training.run_epoch` in this process (rank 0 of 1)."""
+def plain_run(cfg, ds, device: torch.device) -> dict:
+    """The same epochs through :func:`~pcl_ray.training.run_epoch` in this process (rank 0 of 1).
+
+    Returns :func:`_epoch_stats` plus ``estep`` (mean E-step seconds) and the per-epoch lists ``epoch_s``
+    (M-step) and ``estep_s`` (the E-step run before that epoch's M-step, 0 for none).
+    """
     from .distributed.trainer import estep_kwargs
     from .estep import run_estep
     from .methods import build_method
@@ -125,9 +129,10 @@ def plain_run(cfg, ds, device: torch.device) -> dict[str, float]:
     ks = kwargs.pop("num_clusters")
     n, embed_bs = len(ds), max(256, cfg.train.batch_size)
     global_step, streamed, last = 0, None, None
-    times, rates, esteps = [], [], []
+    times, rates, esteps, per_epoch_estep = [], [], [], []
     for epoch in range(cfg.train.epochs):
         prototypes = None
+        per_epoch_estep.append(0.0)
         if method.needs_estep and epoch >= cfg.train.warmup_epochs:
             t0 = time.perf_counter()
             own, emb, _ = estep_shard(method, ds, views, cfg, epoch, streamed, batch_size=embed_bs,
@@ -142,6 +147,7 @@ def plain_run(cfg, ds, device: torch.device) -> dict[str, float]:
             prototypes = last.to_torch(device)
             method.on_prototypes(prototypes)
             esteps.append(time.perf_counter() - t0)
+            per_epoch_estep[-1] = esteps[-1]
         global_step, streamed, metrics = run_epoch(
             method, method.net, optimizer, ds, makers, crop_spec, cfg, epoch=epoch, rank=0, world=1,
             device=device, precision=precision, prototypes=prototypes, global_step=global_step)
@@ -149,6 +155,8 @@ def plain_run(cfg, ds, device: torch.device) -> dict[str, float]:
         rates.append(metrics["throughput/img_per_s"])
     stats = _epoch_stats(times, rates)
     stats["estep"] = float(np.mean(esteps)) if esteps else 0.0
+    stats["epoch_s"] = times  # per epoch: the M-step's time, and (below) the E-step's before it (0 without one)
+    stats["estep_s"] = per_epoch_estep
     return stats
 
 

@@ -8,8 +8,13 @@ Measured in one process, back to back (:func:`pcl_ray.bench._alternating`):
   fraction of it (model FLOP utilisation, MFU);
 * the convolutions alone: every Conv2d of the encoder replayed on its own input shape (forward + backward),
   their FLOP/s against the same peak: the ceiling the step cannot pass while the convolutions dominate;
+* the same replay in ``channels_last`` (model and inputs), the layout the channels_last step runs in;
 * step variants, alternated against the default: SGD with ``foreach=True`` and the model + views in
-  ``channels_last``.
+  ``channels_last``, the latter also on one thread (what each of the Ray loop's CPU workers runs on);
+* the ceiling: the MFU the step would reach if its convolutions ran at their replayed rate (the better
+  layout) and every other FLOP at the matmul peak with nothing else costing time;
+* where the step's time goes by kind of operation (convolution, BatchNorm, matmul, optimizer, elementwise,
+  overhead; :mod:`pcl_ray.bench_profile`), profiled in the faster layout.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import copy
 import torch
 from torch import nn
 
+from .bench_profile import KINDS, step_breakdown
 from .training import Precision, train_step
 
 
@@ -63,9 +69,11 @@ def _conv_inputs(net: nn.Module, run) -> list[tuple[nn.Conv2d, torch.Size]]:
     return seen
 
 
-def _conv_replay(convs: list[tuple[nn.Conv2d, torch.Size]], device: torch.device):
+def _conv_replay(convs: list[tuple[nn.Conv2d, torch.Size]], device: torch.device, channels_last: bool = False):
     """A function running each recorded convolution alone, forward + backward, on random inputs."""
-    inputs = [(copy.deepcopy(conv).to(device), torch.randn(shape, device=device, requires_grad=True))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = [(copy.deepcopy(conv).to(device, memory_format=fmt),
+               torch.randn(shape, device=device).contiguous(memory_format=fmt).requires_grad_(True))
               for conv, shape in convs]
 
     def run():
@@ -111,10 +119,22 @@ def bench_mfu(cfg, ds, method, device, prototypes, report, steps: int, alternati
     flops = _flops(base)
     convs = _conv_inputs(base_method.net, base)
     conv_run = _conv_replay(convs, device)
+    conv_cl_run = _conv_replay(convs, device, channels_last=True)
     conv_flops = _flops(conv_run)
     peak = matmul_peak(device)
-    t_base, t_fore, t_cl, t_conv = alternating([base, fore, cl, conv_run], steps, warmup=1)
+    t_base, t_fore, t_cl, t_conv, t_conv_cl = alternating([base, fore, cl, conv_run, conv_cl_run], steps, warmup=1)
     peak = max(peak, matmul_peak(device))  # measured again after the steps: the better of the two
+    one_thread = None
+    if device.type == "cpu" and torch.get_num_threads() > 1:  # a Ray CPU worker's setting (one thread each)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            t1_base, t1_cl = alternating([base, cl], max(2, steps // 2), warmup=1)
+        finally:
+            torch.set_num_threads(threads)
+        one_thread = t1_base / t1_cl
+    layout_cl = t_cl < t_base
+    shares = step_breakdown(cl if layout_cl else base, max(2, steps // 4), device)
     report.add("mfu", "step FLOPs per image (forward + backward)", flops / b / 1e6, "MFLOP")
     report.add("mfu", "convolution share of the step's FLOPs", conv_flops / flops, "fraction")
     report.add("mfu", "fp32 matmul peak (2048^2)", peak / 1e9, "GFLOP/s")
@@ -123,5 +143,17 @@ def bench_mfu(cfg, ds, method, device, prototypes, report, steps: int, alternati
     report.add("mfu", "convolutions alone (fwd + bwd), achieved / matmul peak", conv_flops / t_conv / peak,
                "fraction")
     report.add("mfu", "convolutions' share of the step's time", t_conv / t_base, "fraction")
+    report.add("mfu", "convolutions alone in channels_last, achieved / matmul peak", conv_flops / t_conv_cl / peak,
+               "fraction")
     report.add("mfu", "speed-up SGD foreach=True / default", t_base / t_fore, "x")
     report.add("mfu", "speed-up channels_last / default", t_base / t_cl, "x")
+    if one_thread is not None:
+        report.add("mfu", "speed-up channels_last / default, 1 thread (a Ray CPU worker)", one_thread, "x")
+    report.add("mfu", "training step MFU, channels_last", flops / t_cl / peak, "fraction")
+    share = conv_flops / flops
+    conv_rate = conv_flops / min(t_conv, t_conv_cl) / peak  # the convolutions' own rate, better layout
+    report.add("mfu", "MFU ceiling (convolutions at their replayed rate, other FLOPs at peak)",
+               1.0 / (share / conv_rate + (1.0 - share)), "fraction")
+    layout = "channels_last" if layout_cl else "default layout"
+    for kind in KINDS:
+        report.add("mfu", f"step time share: {kind} (profiled, {layout})", shares[kind], "fraction")

@@ -132,14 +132,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
     b.add_argument("--parts", default="all", metavar="NAMES",
-                   help="comma-separated subset of views,mstep,mfu,estep,epoch,loop (all: every one but loop), "
-                        "or estep-scale alone (the E-step at N up to 1.28M on synthetic embeddings, minutes); "
-                        "loop trains short Ray Train runs against the single-process loop (minutes)")
+                   help="comma-separated subset of views,mstep,mfu,estep,epoch,loop,pcl-moco (all: every one but "
+                        "loop and pcl-moco), or estep-scale alone (the E-step at N up to 1.28M on synthetic "
+                        "embeddings, minutes); loop trains short Ray Train runs against the single-process loop, "
+                        "pcl-moco trains PCL in each E-step mode against MoCo (minutes each)")
     b.add_argument("--loop-images", type=int, default=4096, metavar="N",
-                   help="loop: training images per run (default 4096)")
-    b.add_argument("--loop-epochs", type=int, default=3, metavar="E", help="loop: epochs per run (default 3, at least 2)")
+                   help="loop, pcl-moco: training images per run (default 4096)")
+    b.add_argument("--loop-epochs", type=int, default=3, metavar="E",
+                   help="loop, pcl-moco: epochs per run (default 3; loop needs at least 2, pcl-moco 3)")
     b.add_argument("--loop-repeats", type=int, default=2, metavar="R",
-                   help="loop: alternated repetitions of each candidate (default 2)")
+                   help="loop, pcl-moco: alternated repetitions of each candidate (default 2)")
     b.add_argument("--steps", type=int, default=10, help="timed repetitions per measurement (default 10)")
     b.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <ray.storage_path>/bench-<stamp>)")
     b.add_argument("--no-mlflow", action="store_true", help="write the files only; log nothing to MLflow")

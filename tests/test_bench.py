@@ -17,6 +17,7 @@ TINY = ROOT / "pipelines" / "digits_tiny.yaml"
 
 def test_parts_are_parsed_and_a_bad_name_is_refused():
     assert parse_parts("all") == ("views", "mstep", "mfu", "estep", "epoch")
+    assert parse_parts("pcl-moco,loop") == ("pcl-moco", "loop")
     assert parse_parts("estep, views") == ("estep", "views")
     with pytest.raises(ConfigError, match="--parts: expected .* got 'viewz'"):
         parse_parts("viewz")
@@ -87,6 +88,35 @@ def test_mfu_and_epoch_parts_count_flops_and_compare_pcl_with_moco():
         (moco * step_ratio + warm) / moco, rel=1e-6)
     for k in cfg.estep.num_clusters:
         assert 0 <= report.value("estep", f"warm-start assignments vs cold, AMI, k={k}") <= 1 + 1e-9
+    # the account of the gap: shares of the profiled step by kind add up to 1, the convolutions among them;
+    # the ceiling: the convolutions' FLOPs at their own (better-layout) rate, the rest at the matmul peak
+    shares = [r.value for r in report.rows if r.what.startswith("step time share: ")]
+    assert len(shares) == 6 and sum(shares) == pytest.approx(1.0)
+    assert next(r.value for r in report.rows if r.what.startswith("step time share: convolution")) > 0
+    conv = max(report.value("mfu", "convolutions alone (fwd + bwd), achieved / matmul peak"),
+               report.value("mfu", "convolutions alone in channels_last, achieved / matmul peak"))
+    share = report.value("mfu", "convolution share of the step's FLOPs")
+    assert report.value("mfu", "MFU ceiling (convolutions at their replayed rate, other FLOPs at peak)") == \
+        pytest.approx(1.0 / (share / conv + 1.0 - share), rel=1e-6)
+
+
+def test_the_pcl_moco_part_trains_each_e_step_mode_against_moco():
+    cfg = load_config(TINY)
+    report = run_bench(cfg, ("pcl-moco",), steps=1, log=lambda _: None,
+                       loop={"images": 512, "epochs": 3, "repeats": 1})
+    moco = report.value("pcl-moco", "MoCo epoch (epochs 3+)")
+    assert moco > 0
+    for mode in ("eval_pass", "stream", "stream + warm start"):
+        epoch = report.value("pcl-moco", f"PCL, {mode}: epoch, E-step + M-step (epochs 3+)")
+        assert report.value("pcl-moco", f"PCL, {mode}: PCL epoch / MoCo epoch") == pytest.approx(epoch / moco)
+        assert 0 < report.value("pcl-moco", f"PCL, {mode}: E-step per epoch") < epoch
+
+
+def test_the_pcl_moco_part_refuses_another_method_or_too_few_epochs():
+    with pytest.raises(ConfigError, match="method.name=pcl"):
+        run_bench(load_config(TINY, ["method.name=simclr"]), ("pcl-moco",), loop={"epochs": 3})
+    with pytest.raises(ConfigError, match="--loop-epochs: the pcl-moco part needs at least 3"):
+        run_bench(load_config(TINY), ("pcl-moco",), loop={"epochs": 2})
 
 
 def test_a_method_without_e_step_reports_no_e_step():
