@@ -210,8 +210,12 @@ def _warm_start_rows(emb: np.ndarray, pset, kwargs: dict, cfg: ExperimentConfig,
 
 
 def bench_mstep(cfg: ExperimentConfig, ds, method, device, prototypes, report: BenchReport, steps: int) -> None:
-    from .training import Precision, build_optimizer, build_view_makers, train_step
+    """The run's own step: its optimizer, precision and speed options (``train.channels_last``, ``train.compile``)."""
+    import copy
 
+    from .training import Precision, build_optimizer, build_view_makers, prepare_model, prepare_views, train_step
+
+    method = prepare_model(copy.deepcopy(method), cfg, device)
     makers, _ = build_view_makers(method, cfg, ds)
     net = method.net
     precision = Precision.for_device(cfg.train.precision, device)
@@ -220,14 +224,14 @@ def bench_mstep(cfg: ExperimentConfig, ds, method, device, prototypes, report: B
     index = torch.arange(images.shape[0], device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     epoch = cfg.train.warmup_epochs if prototypes is not None else 0
-    fixed = [m(images, generator=gen) for m in makers]
+    fixed = prepare_views([m(images, generator=gen) for m in makers], cfg)
     net.train()
 
     def step(views):
         train_step(method, net, optimizer, views, index, prototypes, generator=gen, epoch=epoch,
                    global_step=10**6, precision=precision)
 
-    full, compute = _alternating([lambda: step([m(images, generator=gen) for m in makers]),
+    full, compute = _alternating([lambda: step(prepare_views([m(images, generator=gen) for m in makers], cfg)),
                                   lambda: step(fixed)], steps, warmup=2)
     b = images.shape[0]
     report.add("mstep", f"training step, views included (batch {b})", b / full, "img/s")
@@ -294,9 +298,10 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
         from .bench_mfu import bench_mfu
 
         bench_mfu(cfg, ds, method, device, prototypes, report, steps, _alternating, _batch)
-        log(f"[pcl-ray] MFU: {report.value('mfu', 'training step MFU (achieved / matmul peak)'):.2f} of the "
-            f"{report.value('mfu', 'fp32 matmul peak (2048^2)'):.0f} GFLOP/s matmul peak "
-            f"({report.value('mfu', 'training step MFU, channels_last'):.2f} in channels_last); convolutions alone "
+        log(f"[pcl-ray] MFU: {report.value('mfu', 'training step MFU, channels_last'):.2f} of the "
+            f"{report.value('mfu', 'fp32 matmul peak (2048^2)'):.0f} GFLOP/s matmul peak in channels_last, "
+            f"{report.value('mfu', 'training step MFU, default layout'):.2f} in the "
+            f"default layout; convolutions alone "
             f"{report.value('mfu', 'convolutions alone (fwd + bwd), achieved / matmul peak'):.2f}; ceiling "
             f"{report.value('mfu', 'MFU ceiling (convolutions at their replayed rate, other FLOPs at peak)'):.2f}")
     if "epoch" in parts:  # pcl_ray/bench_epoch.py

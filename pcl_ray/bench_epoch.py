@@ -18,7 +18,8 @@ def bench_epoch(cfg, ds, device, report, steps: int, alternating, batch, embed_s
     from .distributed.trainer import estep_kwargs
     from .estep import run_estep
     from .methods import build_method
-    from .training import Precision, build_optimizer, build_view_makers, embed_shard, train_step
+    from .training import (Precision, build_optimizer, build_view_makers, embed_shard, prepare_model, prepare_views,
+                           train_step)
 
     if cfg.method.name != "pcl":
         report.info["epoch"] = f"skipped (the PCL/MoCo ratio needs method.name=pcl, got {cfg.method.name})"
@@ -35,9 +36,10 @@ def bench_epoch(cfg, ds, device, report, steps: int, alternating, batch, embed_s
 
     def stepper(c, prototypes):
         m = build_method(c, ds.channels, generator=torch.Generator().manual_seed(c.train.seed)).to(device)
+        prepare_model(m, c, device)  # the run's layout (train.channels_last) and train.compile
         makers, eval_views = build_view_makers(m, c, ds)
         gen = torch.Generator(device=device).manual_seed(0)
-        views = [v(images, generator=gen) for v in makers]
+        views = prepare_views([v(images, generator=gen) for v in makers], c)
         if prototypes is not None:
             m.on_prototypes(prototypes)
         opt = build_optimizer(c, m.net.parameters())

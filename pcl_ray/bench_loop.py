@@ -105,58 +105,82 @@ def ray_run(cfg, folder: Path, name: str) -> dict[str, float]:
     return stats
 
 
+class PlainLoop:
+    """The Ray worker's epochs through :func:`~pcl_ray.training.run_epoch` in this process (rank 0 of 1),
+    one epoch per call, so that several candidates can be trained side by side, epoch by epoch.
+
+    A method with an E-step runs it in this process before the epoch's M-step, as the worker hands it off
+    (:func:`~pcl_ray.training.estep_shard`, then :func:`~pcl_ray.estep.run_estep` on the (N, d) store;
+    ``estep.warm_start`` from the last E-step's centroids).
+    """
+
+    def __init__(self, cfg, ds, device: torch.device):
+        from .distributed.trainer import estep_kwargs
+        from .methods import build_method
+        from .training import Precision, build_optimizer, build_view_makers, host_crop_spec, prepare_model
+
+        self.cfg, self.ds, self.device = cfg, ds, device
+        torch.manual_seed(cfg.train.seed)  # the worker's initialisation
+        self.method = build_method(cfg, ds.channels,
+                                   generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
+        prepare_model(self.method, cfg, device)
+        self.crop_spec = host_crop_spec(self.method, cfg, ds)
+        self.makers, self.views = build_view_makers(self.method, cfg, ds, crop_on_device=self.crop_spec is None)
+        self.optimizer = build_optimizer(cfg, self.method.net.parameters())
+        self.precision = Precision.for_device(cfg.train.precision, device)
+        self.estep_kwargs = estep_kwargs(cfg, gpu=device.type == "cuda")
+        self.ks = self.estep_kwargs.pop("num_clusters")
+        self.global_step, self.streamed, self.last = 0, None, None
+
+    def _estep(self, epoch: int):
+        from .estep import run_estep
+        from .training import estep_shard
+
+        cfg, n = self.cfg, len(self.ds)
+        own, emb, _ = estep_shard(self.method, self.ds, self.views, cfg, epoch, self.streamed,
+                                  batch_size=max(256, cfg.train.batch_size), device=self.device)
+        feats = np.empty((n, emb.shape[1]), dtype=np.float32)  # (N, d), row i = image i, as the actor stores
+        feats[own] = emb
+        kwargs, init = self.estep_kwargs, None
+        if cfg.estep.warm_start and self.last is not None:
+            init = [g.centroids for g in self.last.granularities]
+            kwargs = {**kwargs, "warm_niter": cfg.estep.warm_niter}
+        self.last = run_estep(feats, self.ks, epoch=epoch, init_centroids=init, **kwargs)
+        prototypes = self.last.to_torch(self.device)
+        self.method.on_prototypes(prototypes)
+        return prototypes
+
+    def epoch(self, epoch: int) -> dict[str, float]:
+        """Train ``epoch`` (E-step first when it has one); ``{"estep_s", "epoch_s", "rate"}``."""
+        from .training import run_epoch
+
+        cfg, prototypes, estep_s = self.cfg, None, 0.0
+        if self.method.needs_estep and epoch >= cfg.train.warmup_epochs:
+            t0 = time.perf_counter()
+            prototypes = self._estep(epoch)
+            estep_s = time.perf_counter() - t0
+        self.global_step, self.streamed, metrics = run_epoch(
+            self.method, self.method.net, self.optimizer, self.ds, self.makers, self.crop_spec, cfg, epoch=epoch,
+            rank=0, world=1, device=self.device, precision=self.precision, prototypes=prototypes,
+            global_step=self.global_step)
+        return {"estep_s": estep_s, "epoch_s": metrics["time/epoch_s"], "rate": metrics["throughput/img_per_s"]}
+
+
 def plain_run(cfg, ds, device: torch.device) -> dict:
-    """The same epochs through :func:`~pcl_ray.training.run_epoch` in this process (rank 0 of 1).
+    """All of ``cfg``'s epochs through :class:`PlainLoop`, with every CPU thread.
 
     Returns :func:`_epoch_stats` plus ``estep`` (mean E-step seconds) and the per-epoch lists ``epoch_s``
     (M-step) and ``estep_s`` (the E-step run before that epoch's M-step, 0 for none).
     """
-    from .distributed.trainer import estep_kwargs
-    from .estep import run_estep
-    from .methods import build_method
-    from .training import (Precision, build_optimizer, build_view_makers, estep_shard, host_crop_spec,
-                           prepare_model, run_epoch)
-
     torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(cfg.train.seed)  # the worker's initialisation
-    method = build_method(cfg, ds.channels, generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
-    prepare_model(method, cfg, device)
-    crop_spec = host_crop_spec(method, cfg, ds)
-    makers, views = build_view_makers(method, cfg, ds, crop_on_device=crop_spec is None)
-    optimizer = build_optimizer(cfg, method.net.parameters())
-    precision = Precision.for_device(cfg.train.precision, device)
-    kwargs = estep_kwargs(cfg, gpu=device.type == "cuda")
-    ks = kwargs.pop("num_clusters")
-    n, embed_bs = len(ds), max(256, cfg.train.batch_size)
-    global_step, streamed, last = 0, None, None
-    times, rates, esteps, per_epoch_estep = [], [], [], []
-    for epoch in range(cfg.train.epochs):
-        prototypes = None
-        per_epoch_estep.append(0.0)
-        if method.needs_estep and epoch >= cfg.train.warmup_epochs:
-            t0 = time.perf_counter()
-            own, emb, _ = estep_shard(method, ds, views, cfg, epoch, streamed, batch_size=embed_bs,
-                                      device=device)  # rank 0 of 1: every index once, as the worker does
-            feats = np.empty((n, emb.shape[1]), dtype=np.float32)  # (N, d), row i = image i, as the actor stores
-            feats[own] = emb
-            init = None
-            if cfg.estep.warm_start and last is not None:
-                init = [g.centroids for g in last.granularities]
-            last = run_estep(feats, ks, epoch=epoch, init_centroids=init,
-                             **({**kwargs, "warm_niter": cfg.estep.warm_niter} if init is not None else kwargs))
-            prototypes = last.to_torch(device)
-            method.on_prototypes(prototypes)
-            esteps.append(time.perf_counter() - t0)
-            per_epoch_estep[-1] = esteps[-1]
-        global_step, streamed, metrics = run_epoch(
-            method, method.net, optimizer, ds, makers, crop_spec, cfg, epoch=epoch, rank=0, world=1,
-            device=device, precision=precision, prototypes=prototypes, global_step=global_step)
-        times.append(metrics["time/epoch_s"])
-        rates.append(metrics["throughput/img_per_s"])
+    loop = PlainLoop(cfg, ds, device)
+    per_epoch = [loop.epoch(e) for e in range(cfg.train.epochs)]
+    times, rates = [p["epoch_s"] for p in per_epoch], [p["rate"] for p in per_epoch]
+    esteps = [p["estep_s"] for p in per_epoch if p["estep_s"] > 0]
     stats = _epoch_stats(times, rates)
     stats["estep"] = float(np.mean(esteps)) if esteps else 0.0
-    stats["epoch_s"] = times  # per epoch: the M-step's time, and (below) the E-step's before it (0 without one)
-    stats["estep_s"] = per_epoch_estep
+    stats["epoch_s"] = times
+    stats["estep_s"] = [p["estep_s"] for p in per_epoch]
     return stats
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from .bench_profile import KINDS, step_breakdown
 from .training import Precision, train_step
+from .training.optim import channels_last_enabled
 
 
 def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
@@ -93,9 +94,8 @@ def bench_mfu(cfg, ds, method, device, prototypes, report, steps: int, alternati
     precision = Precision.for_device(cfg.train.precision, device)
 
     def candidate(channels_last: bool, foreach: bool):
-        m = copy.deepcopy(method)
-        if channels_last:
-            m.to(memory_format=torch.channels_last)
+        m = copy.deepcopy(method)  # each candidate in its own layout, whatever train.channels_last says
+        m.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         makers, _ = build_view_makers(m, cfg, ds)
         gen = torch.Generator(device=device).manual_seed(0)
         views = [v(images, generator=gen) for v in makers]
@@ -138,8 +138,8 @@ def bench_mfu(cfg, ds, method, device, prototypes, report, steps: int, alternati
     report.add("mfu", "step FLOPs per image (forward + backward)", flops / b / 1e6, "MFLOP")
     report.add("mfu", "convolution share of the step's FLOPs", conv_flops / flops, "fraction")
     report.add("mfu", "fp32 matmul peak (2048^2)", peak / 1e9, "GFLOP/s")
-    report.add("mfu", "training step, achieved", flops / t_base / 1e9, "GFLOP/s")
-    report.add("mfu", "training step MFU (achieved / matmul peak)", flops / t_base / peak, "fraction")
+    report.add("mfu", "training step, achieved (default layout)", flops / t_base / 1e9, "GFLOP/s")
+    report.add("mfu", "training step MFU, default layout", flops / t_base / peak, "fraction")
     report.add("mfu", "convolutions alone (fwd + bwd), achieved / matmul peak", conv_flops / t_conv / peak,
                "fraction")
     report.add("mfu", "convolutions' share of the step's time", t_conv / t_base, "fraction")
@@ -149,7 +149,11 @@ def bench_mfu(cfg, ds, method, device, prototypes, report, steps: int, alternati
     report.add("mfu", "speed-up channels_last / default", t_base / t_cl, "x")
     if one_thread is not None:
         report.add("mfu", "speed-up channels_last / default, 1 thread (a Ray CPU worker)", one_thread, "x")
+    report.add("mfu", "training step, achieved (channels_last)", flops / t_cl / 1e9, "GFLOP/s")
     report.add("mfu", "training step MFU, channels_last", flops / t_cl / peak, "fraction")
+    trained_cl = channels_last_enabled(cfg, device)
+    report.add("mfu", f"training step MFU as the run trains ({'channels_last' if trained_cl else 'default layout'})",
+               flops / (t_cl if trained_cl else t_base) / peak, "fraction")
     share = conv_flops / flops
     conv_rate = conv_flops / min(t_conv, t_conv_cl) / peak  # the convolutions' own rate, better layout
     report.add("mfu", "MFU ceiling (convolutions at their replayed rate, other FLOPs at peak)",

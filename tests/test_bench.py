@@ -77,9 +77,13 @@ def test_mfu_and_epoch_parts_count_flops_and_compare_pcl_with_moco():
     # FlopCounterMode counts the real step: the convolutions are a part of it, the MFU a fraction of the peak
     assert report.value("mfu", "step FLOPs per image (forward + backward)") > 0
     assert 0 < report.value("mfu", "convolution share of the step's FLOPs") < 1
-    mfu = report.value("mfu", "training step MFU (achieved / matmul peak)")
-    assert mfu == pytest.approx(report.value("mfu", "training step, achieved")
-                                / report.value("mfu", "fp32 matmul peak (2048^2)"), rel=1e-6)
+    peak = report.value("mfu", "fp32 matmul peak (2048^2)")
+    for layout in ("default layout", "channels_last"):
+        mfu = report.value("mfu", f"training step MFU, {layout}")
+        assert mfu == pytest.approx(report.value("mfu", f"training step, achieved ({layout})") / peak, rel=1e-6)
+    # the digits pipeline trains in channels_last (train.channels_last unset = on)
+    assert report.value("mfu", "training step MFU as the run trains (channels_last)") == \
+        report.value("mfu", "training step MFU, channels_last")
     # the epoch ratio is assembled from the rows it prints: (N/B * t_pcl + t_estep) / (N/B * t_moco)
     moco = report.value("epoch", f"MoCo M-step epoch estimate ({report.info['images']} images)")
     step_ratio = report.value("epoch", "PCL step / MoCo step (same batch, views made in advance)")

@@ -23,9 +23,10 @@ def compile_enabled(cfg, device: torch.device | str) -> bool:
 
 
 def channels_last_enabled(cfg, device: torch.device | str) -> bool:
-    """``train.channels_last``: as asked, or (None) on a GPU only."""
+    """``train.channels_last``: as asked; None (the default) is on, on the CPU as on a GPU (oneDNN's and cuDNN's
+    convolutions both run faster in it; ``bench --parts mfu`` measures the speed-up on the run's own model)."""
     if cfg.train.channels_last is None:
-        return torch.device(device).type == "cuda"
+        return True
     return bool(cfg.train.channels_last)
 
 

@@ -65,16 +65,16 @@ def test_epoch_metrics_average_tensors_and_floats():
     assert sums.means() == {"a": 2.0, "b": 3.0}
 
 
-def test_channels_last_is_on_for_gpus_only_unless_asked():
+def test_channels_last_is_on_by_default_and_one_key_away():
     from pcl_ray.training.optim import channels_last_enabled, prepare_views
 
     auto = load_config(TINY, ["ray.num_workers=1"])
     assert auto.train.channels_last is None
-    assert channels_last_enabled(auto, "cuda") and not channels_last_enabled(auto, "cpu")
-    on = load_config(TINY, ["ray.num_workers=1", "train.channels_last=true"])
-    assert channels_last_enabled(on, "cpu")
+    assert channels_last_enabled(auto, "cuda") and channels_last_enabled(auto, "cpu")
+    off = load_config(TINY, ["ray.num_workers=1", "train.channels_last=false"])
+    assert not channels_last_enabled(off, "cpu") and not channels_last_enabled(off, "cuda")
     x = torch.rand(4, 3, 8, 8)  # 4x3x8x8, contiguous
-    (y,) = prepare_views([x], on)
+    (y,) = prepare_views([x], auto)
     assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, y)
-    (z,) = prepare_views([x], auto)  # auto on the CPU: left as it is
+    (z,) = prepare_views([x], off)  # off: left as it is
     assert z is x
