@@ -210,12 +210,9 @@ def _warm_start_rows(emb: np.ndarray, pset, kwargs: dict, cfg: ExperimentConfig,
 
 
 def bench_mstep(cfg: ExperimentConfig, ds, method, device, prototypes, report: BenchReport, steps: int) -> None:
-    """The run's own step: its optimizer, precision and speed options (``train.channels_last``, ``train.compile``)."""
-    import copy
+    """The run's own step: its optimizer, precision and speed options (``method`` prepared by :func:`run_bench`)."""
+    from .training import Precision, build_optimizer, build_view_makers, prepare_views, train_step
 
-    from .training import Precision, build_optimizer, build_view_makers, prepare_model, prepare_views, train_step
-
-    method = prepare_model(copy.deepcopy(method), cfg, device)
     makers, _ = build_view_makers(method, cfg, ds)
     net = method.net
     precision = Precision.for_device(cfg.train.precision, device)
@@ -248,6 +245,8 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
     """
     from .data import load_split
     from .methods import build_method
+    from .training import prepare_model
+    from .training.optim import channels_last_enabled
 
     if steps < 1:
         raise ConfigError(f"--steps: expected a positive number of timed steps, got {steps}")
@@ -273,9 +272,11 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.ray.use_gpu is not False else "cpu")
     ds = load_split(cfg.data, "train")
     method = build_method(cfg, ds.channels, generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
+    prepare_model(method, cfg, device)  # the run's train.channels_last / train.compile (mfu sets both layouts)
     report = BenchReport(f"{cfg.method.name} on {cfg.data.name}",
                          info={"images": len(ds), "batch": cfg.train.batch_size, "backbone": cfg.model.backbone,
-                               "device": device.type, "threads": torch.get_num_threads()})
+                               "device": device.type, "threads": torch.get_num_threads(),
+                               "layout": "channels_last" if channels_last_enabled(cfg, device) else "default"})
     log(f"[pcl-ray] bench {report.label}: {', '.join(parts)} ({len(ds)} images, {device.type})")
     if "views" in parts:
         bench_views(cfg, ds, method, report, steps)

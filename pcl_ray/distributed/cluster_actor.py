@@ -56,6 +56,8 @@ class ClusterActor:
         # only a grace period for shards that may never come again (pcl_ray/distributed/handoff.py).
         self._restarted = _was_restarted()
         self._first_epoch: int | None = None
+        #: estep.warm_start after a driver resume: (epoch, centroids) of the last E-step, from the checkpoint
+        self._primed: tuple[int, list[np.ndarray]] | None = None
 
     # ---------------------------------------------------------------- hand-off
     async def submit_shard(self, epoch: int, rank: int, indices: np.ndarray, embeddings: np.ndarray) -> int:
@@ -85,6 +87,15 @@ class ClusterActor:
             self._running.add(epoch)
             asyncio.get_running_loop().create_task(self._run(epoch))
         return epoch
+
+    def prime_warm_start(self, epoch: int, centroids: list[np.ndarray]) -> bool:
+        """Take epoch ``epoch``'s centroids (one (k, d) array per granularity, from a checkpoint) as the warm start
+        of epoch ``epoch + 1``'s k-means when this actor has not published ``epoch`` itself (a new actor after a
+        driver resume), so the resumed run clusters as the uninterrupted one did. True when taken."""
+        if not self.warm_start or epoch in self._published:
+            return False
+        self._primed = (int(epoch), [np.array(c, dtype=np.float32, copy=True) for c in centroids])
+        return True
 
     async def wait_prototypes(self, epoch: int, rank: int, timeout_s: float = 30.0) -> dict[str, Any]:
         """Wait for epoch ``epoch``'s PrototypeSet.
@@ -167,11 +178,16 @@ class ClusterActor:
 
     async def _warm_centroids(self, epoch: int):
         """The previous epoch's centroids (one (k, d) array per granularity) for a warm start, else None: the
-        first E-step, and the first after the actor was restarted, start cold."""
-        if not self.warm_start or (epoch - 1) not in self._published:
+        first E-step starts cold, and so does the first after a restart of this actor unless a resumed worker
+        primed it with the checkpoint's centroids (:meth:`prime_warm_start`)."""
+        if not self.warm_start:
             return None
-        prev = await self._published[epoch - 1]
-        return [g.centroids for g in prev.granularities]
+        if (epoch - 1) in self._published:
+            prev = await self._published[epoch - 1]
+            return [g.centroids for g in prev.granularities]
+        if self._primed is not None and self._primed[0] == epoch - 1:
+            return self._primed[1]
+        return None
 
     async def _run(self, epoch: int) -> None:
         features = self.store.copy()

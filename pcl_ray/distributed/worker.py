@@ -41,6 +41,7 @@ from ..training import (
     prepare_model,
     run_epoch,
     save_state,
+    stream_state_file,
 )
 from .cluster_actor import NAMESPACE, actor_name
 from .fault_injection import injected_kill, kill_if_due  # test-only (tests/distributed/test_faults_worker.py)
@@ -97,8 +98,8 @@ class Worker:
 def train_loop(loop_config: dict) -> None:
     """Ray Train's per-worker function: set-up, resume, then E-step → M-step → report once per epoch."""
     w = set_up(loop_config)
-    start_epoch, global_step = resume(w)
-    streamed: StreamedEmbeddings | None = None  # the previous epoch's M-step embeddings (estep.features=stream)
+    # streamed: the previous epoch's M-step embeddings (estep.features=stream), from the checkpoint on a resume
+    start_epoch, global_step, streamed = resume(w)
     for epoch in range(start_epoch, w.cfg.train.epochs):
         metrics: dict[str, float] = {"epoch": epoch + 1}
         prototypes = None
@@ -107,7 +108,7 @@ def train_loop(loop_config: dict) -> None:
         global_step, streamed = mstep(w, epoch, prototypes, global_step, metrics)
         if prototypes is not None and w.rank == 0:  # label agreement, computed by the actor during the M-step
             metrics.update(fetch_health(w.actor, epoch))
-        report(w, epoch, global_step, metrics)
+        report(w, epoch, global_step, metrics, prototypes, streamed)
 
 
 # ---- set-up and resume ----------------------------------------------------------------------------------
@@ -151,13 +152,19 @@ def set_up(loop_config: dict) -> Worker:
     return w
 
 
-def resume(w: Worker) -> tuple[int, int]:
-    """Load this run's latest checkpoint (or PBT's cloned trial's); return (first epoch, global step)."""
+def resume(w: Worker) -> tuple[int, int, StreamedEmbeddings | None]:
+    """Load this run's latest checkpoint (or PBT's cloned trial's); return (first epoch, global step, this rank's
+    streamed embeddings of the checkpoint's epoch or None).
+
+    With ``estep.warm_start`` the checkpoint's last E-step centroids prime the cluster actor (a new one after a
+    driver resume), so the next E-step starts from them as the uninterrupted run's did.
+    """
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and w.loop_config.get("init_checkpoint"):  # PBT: start from the cloned trial's state
         ckpt = ray.train.Checkpoint(w.loop_config["init_checkpoint"])
     if ckpt is None:
-        return 0, 0
+        return 0, 0, None
+    streamed = None
     with ckpt.as_directory() as d:
         state = load_state(Path(d), w.device)
         own_file = Path(d) / rank_state_file(w.rank, w.world)
@@ -166,15 +173,23 @@ def resume(w: Worker) -> tuple[int, int]:
         elif w.rank == 0 and any(Path(d).glob(RANK_STATE_GLOB)):
             say(f"resumed on {w.world} workers from a checkpoint of another world size: per-rank state "
                 "(e.g. SwAV's queue) starts empty")
+        stream_file = Path(d) / stream_state_file(w.rank, w.world)
+        if stream_file.is_file():  # same world size: the next E-step clusters these rows, as it would have
+            streamed = StreamedEmbeddings.from_state(torch.load(stream_file, map_location="cpu", weights_only=True))
     w.method.load_state_dict(state["method"])
     w.optimizer.load_state_dict(state["optimizer"])
     w.precision.load_state_dict(state.get("grad_scaler", {}))
+    epoch = int(state["epoch"])
     if w.rank == 0:
-        say(f"resumed from checkpoint after epoch {state['epoch'] + 1}")
-        if w.cfg.estep.warm_start and w.method.needs_estep:
-            say("estep.warm_start: when the cluster actor was restarted too (a driver resume), the first E-step "
-                "starts k-means cold, so the run is not bit-exact with an uninterrupted one")
-    return int(state["epoch"]) + 1, int(state["global_step"])
+        say(f"resumed from checkpoint after epoch {epoch + 1}")
+        if w.cfg.estep.features == "stream" and w.method.needs_estep and streamed is None \
+                and w.cfg.train.warmup_epochs <= epoch + 1 < w.cfg.train.epochs:
+            say("estep.features=stream: the checkpoint holds no streamed embeddings for this world size, so the "
+                "next E-step embeds with an eval pass")
+    if w.actor is not None and w.cfg.estep.warm_start and "estep_centroids" in state:
+        centroids = [c.cpu().numpy() for c in state["estep_centroids"]]  # per granularity (k, d)
+        ray.get(w.actor.prime_warm_start.remote(int(state["estep_epoch"]), centroids))  # before this rank's shard
+    return epoch + 1, int(state["global_step"]), streamed
 
 
 # ---- E-step hand-off ------------------------------------------------------------------------------------
@@ -226,9 +241,14 @@ def mstep(w: Worker, epoch: int, prototypes: list[PrototypeTensors] | None, glob
 
 
 # ---- report and checkpoint ------------------------------------------------------------------------------
-def report(w: Worker, epoch: int, global_step: int, metrics: dict[str, float]) -> None:
+def report(w: Worker, epoch: int, global_step: int, metrics: dict[str, float],
+           prototypes: list[PrototypeTensors] | None = None, streamed: StreamedEmbeddings | None = None) -> None:
     """Sync buffers, run the online kNN, write the checkpoint (rank 0's state + per-rank files), log the
-    epoch line and MLflow metrics, and hand both to ``ray.train.report``."""
+    epoch line and MLflow metrics, and hand both to ``ray.train.report``.
+
+    The checkpoint also carries what the next E-step starts from, so that a resume is exact: each rank's
+    ``streamed`` embeddings (``estep.features=stream``) and, with ``estep.warm_start``, this epoch's centroids.
+    """
     cfg = w.cfg
     broadcast_buffers(w.method)  # every rank holds rank 0's buffers: the checkpoint is every rank's state
     if w.online_knn is not None and (epoch + 1) % cfg.eval.online_every == 0:
@@ -242,9 +262,15 @@ def report(w: Worker, epoch: int, global_step: int, metrics: dict[str, float]) -
         if own:
             torch.save(own, Path(tmp) / rank_state_file(w.rank, w.world))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        if streamed is not None:  # the next E-step's input, this rank's rows
+            torch.save(streamed.state_dict(), Path(tmp) / stream_state_file(w.rank, w.world))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
         if w.rank == 0:
+            extra = {"config": w.loop_config["cfg"]}
+            if prototypes is not None and cfg.estep.warm_start:  # the next E-step's warm start
+                extra.update(estep_epoch=epoch, estep_centroids=[p.centroids.cpu() for p in prototypes])
             save_state(Path(tmp) / STATE_FILE, w.method, w.optimizer, epoch, global_step,
-                       scaler=w.precision.state_dict(), extra={"config": w.loop_config["cfg"]})
+                       scaler=w.precision.state_dict(), extra=extra)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             shown = (("loss/total", "loss {:.3f}"), ("acc/instance", "instance acc {:.1f}%"),
                      ("acc/proto", "proto acc {:.1f}%"), ("online/knn_acc", "online kNN {:.3f}"))

@@ -17,6 +17,12 @@ def rank_state_file(rank: int, world: int) -> str:
     return f"rank_{rank}_of_{world}.pt"
 
 
+def stream_state_file(rank: int, world: int) -> str:
+    """The file of one rank's streamed M-step embeddings (``estep.features=stream``) in a checkpoint written by
+    ``world`` ranks: the next epoch's E-step input (:meth:`~pcl_ray.training.stream.StreamedEmbeddings.state_dict`)."""
+    return f"stream_{rank}_of_{world}.pt"
+
+
 def save_state(path: Path, method, optimizer, epoch: int, step: int, *, scaler: dict | None = None,
                extra: dict | None = None) -> None:
     """Write the training state after ``epoch`` (0-based) and ``step`` global steps to ``path``."""

@@ -33,3 +33,24 @@ class StreamedEmbeddings:
         if self.embeddings is None:
             raise RuntimeError("StreamedEmbeddings.shard: nothing was added this epoch")
         return self.indices[: self.filled], self.embeddings[: self.filled]
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of it (``torch.load(..., weights_only=True)`` reads it back): the epoch and
+        the rows added so far, so that a resumed run's next E-step clusters what the uninterrupted run's did."""
+        idx, emb = self.shard()
+        return {"epoch": self.epoch, "indices": torch.from_numpy(idx.copy()),
+                "embeddings": torch.from_numpy(emb.copy())}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StreamedEmbeddings":
+        """The object :meth:`state_dict` described, full to its rows."""
+        idx = state["indices"].cpu().numpy().astype(np.int64)  # (n,)
+        emb = state["embeddings"].cpu().numpy().astype(np.float32)  # (n, d)
+        if emb.ndim != 2 or emb.shape[0] != idx.shape[0]:
+            raise ValueError(f"streamed embeddings in the checkpoint: {emb.shape} rows do not match {idx.shape[0]} "
+                             "indices")
+        out = cls(int(state["epoch"]), idx.shape[0])
+        out.indices[:] = idx
+        out.embeddings = emb
+        out.filled = idx.shape[0]
+        return out
