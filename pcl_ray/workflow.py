@@ -142,6 +142,7 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
         outcome = fit(cfg, run_name, storage, num_samples, logger.spec(), labels=train_labels, callbacks=callbacks,
                       init_checkpoint=init_checkpoint, attached=on_cluster)
         if outcome.result.error is not None:
+            _release_actor(outcome.actor)  # a later --resume starts its own (and primes it from the checkpoint)
             raise outcome.result.error
         logger.log_params({"estep.backend_used": "faiss-gpu" if outcome.backend_gpus else "faiss-cpu"}
                           if cfg.needs_estep else {})
@@ -198,7 +199,17 @@ def _log_training_artifacts(logger: RunLogger, outcome, state: dict | None) -> N
                 png = Path(tmp) / f"prototypes_epoch{pset.epoch + 1}.png"
                 plot_prototype_stats(pset.granularities, png)
                 logger.log_artifact(png, "plots")
-            try:
-                ray.kill(outcome.actor)
-            except ray.exceptions.RayError:
-                pass
+            _release_actor(outcome.actor)
+
+
+def _release_actor(actor) -> None:
+    """End the run's cluster actor (it lives as long as this driver otherwise: in-process callers such as
+    ``compare``, ``tune`` and the tests go on after a run)."""
+    import ray
+
+    if actor is None:
+        return
+    try:
+        ray.kill(actor)
+    except ray.exceptions.RayError:
+        pass

@@ -46,45 +46,36 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(ray_local, tmp_path):
     assert not differ, " ".join(sorted(differ))
 
 
-def test_driver_resume_of_a_streamed_warm_started_run_equals_uninterrupted_run(ray_local, tmp_path):
-    """``estep.features=stream`` + ``estep.warm_start``, the driver killed (SIGTERM) inside epoch 3 and the run
-    continued with ``--resume``: a new cluster actor, yet the resumed E-step clusters the checkpoint's streamed
-    embeddings from the checkpoint's centroids, and every per-epoch number equals the uninterrupted run's."""
-    import signal
-    import subprocess
-    import sys
-
+def test_driver_resume_of_a_streamed_warm_started_run_equals_uninterrupted_run(ray_local, tmp_path, capfd):
+    """``estep.features=stream`` + ``estep.warm_start``: rank 0 dies at step 3 of epoch 3 with no retries
+    (``ray.max_failures=0``), so the run fails and its cluster actor goes with it; the same ``train`` again
+    resumes from epoch 2's checkpoint with a new actor. The resumed E-step still clusters the checkpoint's
+    streamed embeddings from the checkpoint's centroids, and every per-epoch number equals the uninterrupted
+    run's."""
     from mlflow.tracking import MlflowClient
 
+    from pcl_ray.distributed.fault_injection import KILL_FILE
     from pcl_ray.workflow import train
 
-    sets = ["train.epochs=4", "train.warmup_epochs=1", "ray.num_workers=2", "estep.features=stream",
-            "estep.warm_start=true", f"ray.storage_path={tmp_path / 'runs'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "eval.enabled=false"]
-    plain = train(load_config(ROOT / "pipelines" / "digits_tiny.yaml", sets), run_name="plain")
-
-    cmd = [sys.executable, str(ROOT / "run.py"), "train", str(ROOT / "pipelines" / "digits_tiny.yaml"),
-           *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.Popen(cmd + ["--set", "ray.run_name=resumed"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # inside epoch 3: epoch 2's checkpoint (streamed rows, centroids) is registered
-        if "epoch 3/" in line and " step " in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=180) == 130, rest[-2000:]
-    done = subprocess.run(cmd + ["--resume", "resumed"], capture_output=True, text=True, timeout=600)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-2000:]
+    cfg = load_config(ROOT / "pipelines" / "digits_tiny.yaml", [
+        "train.epochs=4", "train.warmup_epochs=1", "ray.num_workers=2", "ray.max_failures=0",
+        "estep.features=stream", "estep.warm_start=true", f"ray.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "eval.enabled=false"])
+    plain = train(cfg, run_name="plain")
+    (tmp_path / "runs" / "resumed").mkdir(parents=True)
+    (tmp_path / "runs" / "resumed" / KILL_FILE).write_text("2:3:0")
+    with pytest.raises(Exception):
+        train(cfg, run_name="resumed")
+    assert (tmp_path / "runs" / "resumed" / f"{KILL_FILE}.fired").exists()  # the kill happened
+    capfd.readouterr()
+    resumed = train(cfg, run_name="resumed")
+    out = "".join(capfd.readouterr())
     assert "resumed from checkpoint after epoch 2" in out
     assert "epoch 3: E-step k=[10,30] on the M-step's embeddings of the last epoch" in out  # not an eval pass
 
     client = MlflowClient(plain.tracking_uri)
-    resumed = [r for r in client.search_runs([client.get_run(plain.mlflow_run_id).info.experiment_id])
-               if r.info.run_id != plain.mlflow_run_id]
-    assert len(resumed) == 1
-    a, b = _history(client, plain.mlflow_run_id), _history(client, resumed[0].info.run_id)
+    a, b = _history(client, plain.mlflow_run_id), _history(client, resumed.mlflow_run_id)
     assert a.keys() == b.keys() and "acc/proto" in a
-    assert [s for s, v in a["estep/from_stream"]] == [2, 3, 4] and all(v == 1.0 for _, v in b["estep/from_stream"])
+    assert [s for s, _ in a["estep/from_stream"]] == [2, 3, 4] and all(v == 1.0 for _, v in b["estep/from_stream"])
     differ = {key: (a[key], b[key]) for key in a if a[key] != b[key]}
     assert not differ, " ".join(sorted(differ))
