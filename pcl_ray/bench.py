@@ -10,6 +10,7 @@ The parts, each timed on the pipeline's own data, model, method and E-step setti
            granularity, set against the M-step time of one epoch;
 ``mfu``    the step's FLOPs per image and achieved FLOP/s against the machine's matmul peak
            (:mod:`pcl_ray.bench_mfu`);
+``compile`` torch.compile of the encoders against the eager step, and its warm-up (only when named);
 ``epoch``  the PCL epoch against the MoCo epoch, per E-step feature mode (:mod:`pcl_ray.bench_epoch`);
 ``loop``   short Ray Train runs against the single-process loop: throughput ratio, first-epoch
            overhead, start-up (:mod:`pcl_ray.bench_loop`; only when named);
@@ -37,9 +38,9 @@ import torch
 
 from .config import ConfigError, ExperimentConfig
 
-PARTS = ("views", "mstep", "mfu", "estep", "epoch", "estep-scale", "loop", "pcl-moco")
-#: what "all" runs: estep-scale (synthetic N up to 1.28M, minutes), loop (Ray Train runs, pcl_ray/bench_loop.py)
-#: and pcl-moco (trained epochs, pcl_ray/bench_pcl_moco.py) only when named
+PARTS = ("views", "mstep", "mfu", "compile", "estep", "epoch", "estep-scale", "loop", "pcl-moco")
+#: what "all" runs: estep-scale (synthetic N up to 1.28M, minutes), loop (Ray Train runs, pcl_ray/bench_loop.py),
+#: pcl-moco (trained epochs, pcl_ray/bench_pcl_moco.py) and compile (torch.compile's warm-up) only when named
 DEFAULT_PARTS = ("views", "mstep", "mfu", "estep", "epoch")
 
 
@@ -283,7 +284,7 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
         log(f"[pcl-ray] views: batched {report.value('views', 'batched tensor views'):.0f} views/s, "
             f"PIL {report.value('views', 'per-image PIL views (torchvision)'):.0f} views/s")
     prototypes = None
-    if method.needs_estep and ("mstep" in parts or "mfu" in parts or "estep" in parts):
+    if method.needs_estep and ("mstep" in parts or "mfu" in parts or "compile" in parts or "estep" in parts):
         pset = _prototypes(cfg, ds, method, device, report if "estep" in parts else None)
         prototypes = pset.to_torch(device)
         method.on_prototypes(prototypes)
@@ -305,6 +306,13 @@ def run_bench(cfg: ExperimentConfig, parts: tuple[str, ...], steps: int = 10, lo
             f"default layout; convolutions alone "
             f"{report.value('mfu', 'convolutions alone (fwd + bwd), achieved / matmul peak'):.2f}; ceiling "
             f"{report.value('mfu', 'MFU ceiling (convolutions at their replayed rate, other FLOPs at peak)'):.2f}")
+    if "compile" in parts:  # pcl_ray/bench_mfu.py
+        from .bench_mfu import bench_mfu
+
+        bench_mfu(cfg, ds, method, device, prototypes, report, steps, _alternating, _batch, compile_only=True)
+        log(f"[pcl-ray] torch.compile: {report.value('compile', 'speed-up torch.compile / eager (channels_last)'):.2f}x "
+            f"the eager step after "
+            f"{report.value('compile', 'torch.compile warm-up (first two steps, less two eager steps)'):.0f}s of warm-up")
     if "epoch" in parts:  # pcl_ray/bench_epoch.py
         from .bench_epoch import bench_epoch
 

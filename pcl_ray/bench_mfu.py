@@ -15,6 +15,9 @@ Measured in one process, back to back (:func:`pcl_ray.bench._alternating`):
   layout) and every other FLOP at the matmul peak with nothing else costing time;
 * where the step's time goes by kind of operation (convolution, BatchNorm, matmul, optimizer, elementwise,
   overhead; :mod:`pcl_ray.bench_profile`), profiled in the faster layout.
+
+The ``compile`` part (named on its own: its warm-up takes a minute or more) times ``torch.compile`` of the
+encoders against the eager step, and how long compiling takes (``train.compile``).
 """
 
 from __future__ import annotations
@@ -84,7 +87,13 @@ def _conv_replay(convs: list[tuple[nn.Conv2d, torch.Size]], device: torch.device
     return run
 
 
-def bench_mfu(cfg, ds, method, device, prototypes, report, steps: int, alternating, batch) -> None:
+def bench_mfu(cfg, ds, method, device, prototypes, report, steps: int, alternating, batch,
+              compile_only: bool = False) -> None:
+    """The ``mfu`` part's rows (see the module docstring); with ``compile_only`` the ``compile`` part's instead:
+    torch.compile's warm-up and its step speed-up against the eager step, both in channels_last."""
+    import time
+
+    from .models.encoder import Encoder
     from .training import build_view_makers
 
     b = cfg.train.batch_size
@@ -93,9 +102,13 @@ def bench_mfu(cfg, ds, method, device, prototypes, report, steps: int, alternati
     epoch = cfg.train.warmup_epochs if prototypes is not None else 0
     precision = Precision.for_device(cfg.train.precision, device)
 
-    def candidate(channels_last: bool, foreach: bool):
+    def candidate(channels_last: bool, foreach: bool, compiled: bool = False):
         m = copy.deepcopy(method)  # each candidate in its own layout, whatever train.channels_last says
         m.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if compiled:  # as prepare_model compiles: every encoder in place
+            for module in m.modules():
+                if isinstance(module, Encoder):
+                    module.compile()
         makers, _ = build_view_makers(m, cfg, ds)
         gen = torch.Generator(device=device).manual_seed(0)
         views = [v(images, generator=gen) for v in makers]
@@ -112,6 +125,21 @@ def bench_mfu(cfg, ds, method, device, prototypes, report, steps: int, alternati
                        global_step=step_no[0], precision=precision)
         return m, step
 
+    if compile_only:  # the compile part: eager against torch.compile, both in channels_last
+        _, eager = candidate(True, False)
+        _, compiled = candidate(True, False, compiled=True)
+        eager()
+        eager_s = alternating([eager], 2, warmup=0)[0]
+        t0 = time.perf_counter()
+        compiled()
+        compiled()
+        warmup_s = time.perf_counter() - t0 - 2 * eager_s  # compiling, beyond the two steps it ran
+        t_eager, t_compiled = alternating([eager, compiled], steps, warmup=1)
+        report.add("compile", "torch.compile warm-up (first two steps, less two eager steps)", warmup_s, "s")
+        report.add("compile", "speed-up torch.compile / eager (channels_last)", t_eager / t_compiled, "x")
+        report.add("compile", "steps until the warm-up is paid back", warmup_s / max(t_eager - t_compiled, 1e-9)
+                   if t_compiled < t_eager else float("inf"), "steps")
+        return
     base_method, base = candidate(False, False)
     _, fore = candidate(False, True)
     _, cl = candidate(True, False)

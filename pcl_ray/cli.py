@@ -132,10 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
     b.add_argument("--parts", default="all", metavar="NAMES",
-                   help="comma-separated subset of views,mstep,mfu,estep,epoch,loop,pcl-moco (all: every one but "
-                        "loop and pcl-moco), or estep-scale alone (the E-step at N up to 1.28M on synthetic "
-                        "embeddings, minutes); loop trains short Ray Train runs against the single-process loop, "
-                        "pcl-moco trains PCL in each E-step mode against MoCo (minutes each)")
+                   help="comma-separated subset of views,mstep,mfu,compile,estep,epoch,loop,pcl-moco (all: every "
+                        "one but compile, loop and pcl-moco), or estep-scale alone (the E-step at N up to 1.28M on "
+                        "synthetic embeddings, minutes); compile times torch.compile and its warm-up, loop trains "
+                        "short Ray Train runs against the single-process loop, pcl-moco trains PCL in each E-step "
+                        "mode against MoCo, epochs interleaved (minutes each)")
     b.add_argument("--loop-images", type=int, default=4096, metavar="N",
                    help="loop, pcl-moco: training images per run (default 4096)")
     b.add_argument("--loop-epochs", type=int, default=3, metavar="E",

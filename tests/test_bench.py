@@ -17,6 +17,7 @@ TINY = ROOT / "pipelines" / "digits_tiny.yaml"
 
 def test_parts_are_parsed_and_a_bad_name_is_refused():
     assert parse_parts("all") == ("views", "mstep", "mfu", "estep", "epoch")
+    assert parse_parts("compile,mfu") == ("compile", "mfu")
     assert parse_parts("pcl-moco,loop") == ("pcl-moco", "loop")
     assert parse_parts("estep, views") == ("estep", "views")
     with pytest.raises(ConfigError, match="--parts: expected .* got 'viewz'"):
@@ -114,6 +115,20 @@ def test_the_pcl_moco_part_trains_each_e_step_mode_against_moco():
         epoch = report.value("pcl-moco", f"PCL, {mode}: epoch, E-step + M-step (epochs 3+)")
         assert report.value("pcl-moco", f"PCL, {mode}: PCL epoch / MoCo epoch") == pytest.approx(epoch / moco)
         assert 0 < report.value("pcl-moco", f"PCL, {mode}: E-step per epoch") < epoch
+        # the paired epochs (same epoch, same repetition) bracket the ratio of the means
+        low = report.value("pcl-moco", f"PCL, {mode}: PCL epoch / MoCo epoch, lowest of the paired epochs")
+        high = report.value("pcl-moco", f"PCL, {mode}: PCL epoch / MoCo epoch, highest of the paired epochs")
+        assert low <= epoch / moco <= high  # one measured epoch per candidate here: low == high
+        assert report.value("pcl-moco", f"PCL, {mode}: M-step / MoCo M-step") > 0
+    assert "interleaved epoch by epoch" in report.info["pcl-moco"]
+
+
+@pytest.mark.slow
+def test_the_compile_part_reports_warm_up_and_speed_up():
+    report = run_bench(load_config(TINY), ("compile",), steps=2, log=lambda _: None)
+    assert report.value("compile", "torch.compile warm-up (first two steps, less two eager steps)") > 0
+    assert report.value("compile", "speed-up torch.compile / eager (channels_last)") > 0
+    assert {r.part for r in report.rows} == {"compile"}
 
 
 def test_the_pcl_moco_part_refuses_another_method_or_too_few_epochs():
