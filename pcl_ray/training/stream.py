@@ -7,32 +7,42 @@ import torch
 
 
 class StreamedEmbeddings:
-    """One rank's M-step embeddings of one epoch, in the order this rank trained on them."""
+    """One rank's M-step embeddings of one epoch, in the order this rank trained on them.
+
+    The rows stay on the step's device until :meth:`shard` copies them to the host once, at the E-step: a
+    step adds its (B, d) embeddings with a device-side copy and reads nothing back (on a GPU, a per-step
+    copy to the host would stall every step).
+    """
 
     def __init__(self, epoch: int, capacity: int):
         self.epoch = epoch
         self.capacity = capacity
         self.indices = np.empty(capacity, dtype=np.int64)  # (capacity,) dataset indices
-        self.embeddings: np.ndarray | None = None  # (capacity, d) float32, allocated at the first add
+        self._index_view = torch.from_numpy(self.indices)  # the same memory, written by tensor copies
+        self._rows: torch.Tensor | None = None  # (capacity, d) float32 on the step's device, at the first add
+        self._host: np.ndarray | None = None  # (filled, d) float32: the rows once copied to the host
         self.filled = 0
 
     def add(self, index: torch.Tensor, embedding: torch.Tensor | None, method_name: str) -> None:
-        """Append one step's ``embedding`` (B, d) of the images ``index`` (B,)."""
+        """Append one step's ``embedding`` (B, d) of the images ``index`` (B,; on the host: the loader's)."""
         if embedding is None:
             raise RuntimeError(f"estep.features=stream: method {method_name!r} returns no stream_embedding")
-        emb = embedding.detach().float().cpu().numpy()  # (B, d)
-        if self.embeddings is None:
-            self.embeddings = np.empty((self.capacity, emb.shape[1]), dtype=np.float32)
-        end = self.filled + emb.shape[0]
-        self.indices[self.filled:end] = index.cpu().numpy()
-        self.embeddings[self.filled:end] = emb
+        if self._rows is None:
+            self._rows = torch.empty((self.capacity, embedding.shape[1]), dtype=torch.float32,
+                                     device=embedding.device)
+        end = self.filled + embedding.shape[0]
+        self._rows[self.filled:end].copy_(embedding.detach())  # device to device (any dtype to fp32)
+        self._index_view[self.filled:end].copy_(index)  # the loader's host tensor: no read of a device value
         self.filled = end
+        self._host = None
 
     def shard(self) -> tuple[np.ndarray, np.ndarray]:
-        """(indices (n,), embeddings (n, d)) of what was added."""
-        if self.embeddings is None:
+        """(indices (n,), embeddings (n, d)) of what was added, on the host."""
+        if self._rows is None and self._host is None:
             raise RuntimeError("StreamedEmbeddings.shard: nothing was added this epoch")
-        return self.indices[: self.filled], self.embeddings[: self.filled]
+        if self._host is None:
+            self._host = self._rows[: self.filled].cpu().numpy()
+        return self.indices[: self.filled], self._host
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of it (``torch.load(..., weights_only=True)`` reads it back): the epoch and
@@ -51,6 +61,6 @@ class StreamedEmbeddings:
                              "indices")
         out = cls(int(state["epoch"]), idx.shape[0])
         out.indices[:] = idx
-        out.embeddings = emb
+        out._host = emb
         out.filled = idx.shape[0]
         return out

@@ -2,7 +2,7 @@
 
 Unit: the streamed shards plus the fresh pass over the unseen images cover the index space exactly once
 (else the cluster actor would never start). Integration (Ray): a PCL run on digits uses streamed
-embeddings at every E-step after the first epoch, and falls back to the eval pass once after a resume.
+embeddings at every E-step after the first epoch, a resumed one too (the checkpoint holds each rank's rows).
 """
 
 from __future__ import annotations
@@ -42,6 +42,21 @@ def test_streamed_embeddings_keep_rows_with_their_indices():
     assert emb.dtype == np.float32 and emb[0].tolist() == [0.0, 1.0] and emb[5].tolist() == [10.0, 11.0]
     with pytest.raises(RuntimeError, match="estep.features=stream: method 'x' returns no stream_embedding"):
         buf.add(torch.tensor([1]), None, "x")
+    # what a checkpoint keeps of it comes back whole (weights_only), rows with their indices
+    back = StreamedEmbeddings.from_state(torch.load(_saved(buf.state_dict()), weights_only=True))
+    b_idx, b_emb = back.shard()
+    assert back.epoch == 3 and b_idx.tolist() == idx.tolist() and np.array_equal(b_emb, emb)
+    with pytest.raises(RuntimeError, match="nothing was added"):
+        StreamedEmbeddings(epoch=0, capacity=2).shard()
+
+
+def _saved(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
 
 
 def test_every_e_step_method_returns_its_stream_embedding():
@@ -76,7 +91,7 @@ def test_every_e_step_method_returns_its_stream_embedding():
 
 
 @pytest.mark.ray
-def test_pcl_run_clusters_streamed_embeddings_and_falls_back_after_resume(ray_local, tmp_path):
+def test_pcl_run_clusters_streamed_embeddings_before_and_after_a_resume(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from pcl_ray.workflow import train
@@ -87,14 +102,17 @@ def test_pcl_run_clusters_streamed_embeddings_and_falls_back_after_resume(ray_lo
         "train.epochs=4", "train.warmup_epochs=1", "estep.features=stream", "ray.max_failures=1",
         f"ray.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'db'}",
         "tracking.experiment=stream", "eval.enabled=false"])
-    # rank 0 dies in epoch 4: the restarted workers resume after epoch 3 with no streamed embeddings
+    # rank 0 dies in epoch 4: the restarted workers resume after epoch 3 with the streamed embeddings that
+    # epoch 3's checkpoint holds (one file per rank)
     (tmp_path / "runs" / "it-stream").mkdir(parents=True)
     (tmp_path / "runs" / "it-stream" / KILL_FILE).write_text("3:1:0")
     out = train(cfg, run_name="it-stream")
     client = MlflowClient(out.tracking_uri)
     source = client.get_metric_history(out.mlflow_run_id, "estep/from_stream")
-    # epochs 2 and 3 cluster epoch 1's and 2's M-step embeddings; epoch 4, after the resume, an eval pass
-    assert [(m.step, m.value) for m in source] == [(2, 1.0), (3, 1.0), (4, 0.0)]
+    # epochs 2, 3 and 4 cluster epoch 1's, 2's and 3's M-step embeddings, epoch 4 after the resume too
+    assert [(m.step, m.value) for m in source] == [(2, 1.0), (3, 1.0), (4, 1.0)]
+    checkpoints = sorted((tmp_path / "runs" / "it-stream").glob("checkpoint_*"))
+    assert checkpoints and {p.name for p in checkpoints[-2].glob("stream_*")} == {"stream_0_of_2.pt", "stream_1_of_2.pt"}
     ami = client.get_metric_history(out.mlflow_run_id, "estep/k10/ami_labels")
     assert [m.step for m in ami] == [2, 3, 4] and all(0.0 <= m.value <= 1.0 for m in ami)
     assert client.get_run(out.mlflow_run_id).data.params["estep.features"] == "stream"

@@ -103,6 +103,21 @@ def test_a_guarded_step_reads_nothing_back(case, digits, monkeypatch):
     assert math.isfinite(float(result.loss.detach()))
 
 
+def test_streaming_a_steps_embeddings_reads_nothing_back(monkeypatch):
+    """``estep.features=stream``: each step's (B, d) embeddings are kept with a device-side copy; the rows
+    reach the host once, at the E-step (:meth:`StreamedEmbeddings.shard`)."""
+    from pcl_ray.training import StreamedEmbeddings
+
+    buf = StreamedEmbeddings(epoch=0, capacity=2 * BATCH)
+    emb = [torch.randn(BATCH, 16) for _ in range(2)]
+    with monkeypatch.context() as patch:
+        _forbid_reads(patch)
+        for n, e in enumerate(emb):
+            buf.add(torch.arange(n * BATCH, (n + 1) * BATCH), e, "pcl")
+    idx, rows = buf.shard()
+    assert idx.tolist() == list(range(2 * BATCH)) and np.array_equal(rows, torch.cat(emb).numpy())
+
+
 def test_the_patch_catches_a_read(monkeypatch):
     """The check above can fail: a step that reads a value back is caught."""
     with monkeypatch.context() as patch:
