@@ -4,7 +4,9 @@
 #   2. a PCL run, ResNet-18 on Fashion-MNIST resized to 32, one Train worker, the cluster actor sharing the
 #      worker's GPU (estep.gpu_share), two epochs with the E-step on faiss-gpu;
 #   3. bf16 against fp32 M-step throughput (run.py bench --parts mstep);
-#   4. host syncs per guarded training step of each method (torch.cuda.set_sync_debug_mode, GPU only).
+#   4. host syncs per guarded training step of each method (torch.cuda.set_sync_debug_mode, GPU only);
+#   5. the step's MFU in both memory layouts, and torch.compile's warm-up and speed-up (train.compile: auto = off
+#      until this says a GPU gains from it).
 # Usage: scripts/gpu_check.sh [--dry]   (--dry: the same three steps on the CPU at toy sizes, about 6 min on 2 busy cores,
 # to check the script itself on a machine without a GPU). Output: stdout and $OUT_DIR (default runs/gpu-check).
 set -euo pipefail
@@ -120,5 +122,12 @@ for case, overrides in sorted(CASES.items()):
     print(f"{case:12s} {len(syncs)} host sync(s) per step" + (f": {syncs[0][:90]}" if syncs else ""))
 PY
 fi
+
+step "5. layouts and torch.compile on this device (run.py bench --parts mfu,compile)"
+PARTS=$([[ $DRY == 1 ]] && echo mfu || echo mfu,compile)
+timeout 300 "$PY" run.py bench pipelines/fmnist_pcl.yaml --parts "$PARTS" --steps "$STEPS" --no-mlflow \
+  --out "$OUT_DIR/bench-mfu" --set data.image_size=32 --set model.backbone=$BACKBONE --set data.subset=4000 \
+  >"$OUT_DIR/bench-mfu.log" 2>&1 || { echo "bench mfu/compile failed:"; tail -5 "$OUT_DIR/bench-mfu.log"; }
+grep -E "MFU|torch.compile" "$OUT_DIR/bench-mfu.log" || true
 
 echo; echo "gpu_check done ($([[ $DRY == 1 ]] && echo 'dry run, CPU' || echo GPU)); logs in $OUT_DIR"
