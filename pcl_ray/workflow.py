@@ -110,6 +110,7 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
           init_checkpoint: str | None = None, pipeline: str | None = None,
           register: str | None = None) -> TrainOutcome:
     from .data import check_data
+    from .distributed.cluster_actor import stop_cluster_actor
     from .distributed.trainer import fit
     from .evaluation.report import evaluate
     from .methods import METHODS
@@ -142,7 +143,7 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
         outcome = fit(cfg, run_name, storage, num_samples, logger.spec(), labels=train_labels, callbacks=callbacks,
                       init_checkpoint=init_checkpoint, attached=on_cluster)
         if outcome.result.error is not None:
-            _release_actor(outcome.actor)  # a later --resume starts its own (and primes it from the checkpoint)
+            stop_cluster_actor(outcome.actor, run_name)  # a later --resume starts its own (primed from the checkpoint)
             raise outcome.result.error
         logger.log_params({"estep.backend_used": "faiss-gpu" if outcome.backend_gpus else "faiss-cpu"}
                           if cfg.needs_estep else {})
@@ -152,7 +153,7 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
         if outcome.state_path is not None:
             raw = storage.read_bytes(final_state_rel(run_name))
             state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        _log_training_artifacts(logger, outcome, state)
+        _log_training_artifacts(logger, outcome, state, run_name)
         if state is not None:  # MLflow Models: runs:/<id>/backbone and /encoder (models:/NAME/N with --register)
             from .evaluation.export import log_mlflow_models
 
@@ -175,10 +176,11 @@ def train(cfg: ExperimentConfig, *, run_name: str | None = None, parent_run_id: 
         logger.end(status)
 
 
-def _log_training_artifacts(logger: RunLogger, outcome, state: dict | None) -> None:
+def _log_training_artifacts(logger: RunLogger, outcome, state: dict | None, run_name: str) -> None:
     """Backbone weights from the final checkpoint ``state`` and the last E-step's prototype plot."""
     import ray
 
+    from .distributed.cluster_actor import stop_cluster_actor
     from .evaluation.plots import plot_prototype_stats
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,17 +201,4 @@ def _log_training_artifacts(logger: RunLogger, outcome, state: dict | None) -> N
                 png = Path(tmp) / f"prototypes_epoch{pset.epoch + 1}.png"
                 plot_prototype_stats(pset.granularities, png)
                 logger.log_artifact(png, "plots")
-            _release_actor(outcome.actor)
-
-
-def _release_actor(actor) -> None:
-    """End the run's cluster actor (it lives as long as this driver otherwise: in-process callers such as
-    ``compare``, ``tune`` and the tests go on after a run)."""
-    import ray
-
-    if actor is None:
-        return
-    try:
-        ray.kill(actor)
-    except ray.exceptions.RayError:
-        pass
+            stop_cluster_actor(outcome.actor, run_name)

@@ -264,6 +264,27 @@ def actor_name(run_name: str) -> str:
     return f"pcl-cluster-{run_name}"
 
 
+def stop_cluster_actor(actor, run_name: str, timeout_s: float = 30.0) -> None:
+    """End the run's cluster actor and wait until its name is free (it lives as long as the driver otherwise:
+    in-process callers such as ``compare``, ``tune`` and the tests go on after a run). ``ray.kill`` returns
+    before the actor is gone, and :func:`start_cluster_actor` for the same run name right after (a retry in
+    the same process) would attach to the dying one."""
+    if actor is None:
+        return
+    try:
+        ray.kill(actor)
+    except ray.exceptions.RayError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(actor_name(run_name), namespace=NAMESPACE)
+        except ValueError:  # the name is free
+            return
+        time.sleep(0.05)
+    log.warning("cluster actor %s still registered %.0fs after it was killed", actor_name(run_name), timeout_s)
+
+
 def start_cluster_actor(run_name: str, num_samples: int, dim: int, estep_kwargs: dict[str, Any], *,
                         num_cpus: float = 0.0, num_gpus: float = 0.0, labels: np.ndarray | None = None):
     """Create (or attach to) the run's named cluster actor. Restarts on failure; workers resubmit shards."""
