@@ -14,7 +14,7 @@ from ray.train.torch import TorchTrainer
 from ..config import ExperimentConfig
 from ..registry import final_state_rel
 from ..storage import Storage
-from .cluster_actor import start_cluster_actor
+from .cluster_actor import start_cluster_actor, stop_cluster_actor
 from .connect import OWN_ADDRESSES, attach_address, check_reachable
 from .loopback import LoopbackTorchConfig, loopback_only
 from .resources import EStepPlan, plan_estep
@@ -207,7 +207,13 @@ def fit(cfg: ExperimentConfig, run_name: str, storage: Storage, num_samples: int
             callbacks=callbacks or None,
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:  # Train gave up (max_failures reached) or the driver was interrupted
+        # End the actor now: its creating handle would otherwise live on in the traceback, and when that is
+        # collected Ray kills the actor, even one a retry of the same run has attached to by name since.
+        stop_cluster_actor(actor, run_name)
+        raise
     state_path = None
     if result.checkpoint is not None:
         ckpt = result.checkpoint
